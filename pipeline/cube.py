@@ -1,0 +1,269 @@
+"""The evidence cube: one Zarr v3 store, (band, y, x) float32, all bands in every chunk.
+
+Layout of the store (an ``xarray.Dataset``)::
+
+    evidence   (band, y, x) float32   transformed evidence (log / CLR applied), NaN = no data
+    valid      (y, x)       uint8     1 inside the study area where every band has data
+    band       (band)       str       band names, in model order
+    source     (band)       str       source group (geochemistry, geophysics, geology, ...)
+    kind, transform, scaling, file (band) str   provenance of each band
+    center, scale (band)    float64   normalisation statistics over valid pixels
+    spatial_ref             CRS (CF grid mapping, read by rioxarray and odc-geo)
+
+The model sees ``(evidence - center) / scale`` (see :func:`normalised`); the statistics travel
+with the cube and, later, inside every checkpoint. Deposits never enter these statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .errors import CubeError, LayerError
+
+CUBE_VERSION = 1
+BAND_COORDS = ("source", "kind", "transform", "scaling", "file")
+STAT_COORDS = ("center", "scale")
+# Exact statistics up to this many valid pixels per band; a regular subsample beyond it.
+MAX_STAT_PIXELS = 4_000_000
+
+__all__ = [
+    "CUBE_VERSION",
+    "from_arrays",
+    "write_cube",
+    "open_cube",
+    "validate_cube",
+    "normalised",
+    "compute_stats",
+    "source_groups",
+]
+
+
+def from_arrays(
+    evidence: np.ndarray,
+    *,
+    bands: list[str],
+    sources: list[str],
+    x: np.ndarray,
+    y: np.ndarray,
+    crs: str,
+    valid: np.ndarray | None = None,
+    kinds: list[str] | None = None,
+    transforms: list[str] | None = None,
+    scalings: list[str] | None = None,
+    files: list[str] | None = None,
+    chunk: int = 512,
+    name: str = "cube",
+) -> xr.Dataset:
+    """Assemble an (unwritten) cube Dataset from arrays, e.g. for tests or custom ingest.
+
+    ``evidence`` is [C, H, W] (numpy or dask); ``x``/``y`` are pixel-centre coordinates.
+    """
+    import dask.array as da
+
+    c = len(bands)
+    ev = evidence if isinstance(evidence, da.Array) else da.from_array(np.asarray(evidence, dtype="float32"))
+    ev = ev.astype("float32").rechunk((c, chunk, chunk))
+    if valid is None:
+        valid = da.isfinite(ev).all(axis=0)
+    valid = (valid if isinstance(valid, da.Array) else da.from_array(np.asarray(valid))).astype("uint8")
+    ds = xr.Dataset(
+        {
+            "evidence": (("band", "y", "x"), ev),
+            "valid": (("y", "x"), valid.rechunk((chunk, chunk))),
+        },
+        coords={
+            "band": np.asarray(bands, dtype=object),
+            "y": np.asarray(y, dtype="float64"),
+            "x": np.asarray(x, dtype="float64"),
+            "source": ("band", np.asarray(sources, dtype=object)),
+            "kind": ("band", np.asarray(kinds or ["continuous"] * c, dtype=object)),
+            "transform": ("band", np.asarray(transforms or ["none"] * c, dtype=object)),
+            "scaling": ("band", np.asarray(scalings or ["robust"] * c, dtype=object)),
+            "file": ("band", np.asarray(files or [""] * c, dtype=object)),
+        },
+        attrs={"mpm_cube_version": CUBE_VERSION, "name": name},
+    )
+    ds = ds.rio.write_crs(crs)
+    for v in ("evidence", "valid"):
+        ds[v] = ds[v].rio.write_grid_mapping("spatial_ref")
+    return ds
+
+
+def source_groups(ds: xr.Dataset) -> dict[str, list[str]]:
+    """Ordered mapping source group -> band names (first appearance order)."""
+    groups: dict[str, list[str]] = {}
+    for band, src in zip(ds["band"].values.tolist(), ds["source"].values.tolist()):
+        groups.setdefault(str(src), []).append(str(band))
+    return groups
+
+
+def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band (center, scale) over valid pixels, from each band's ``scaling``.
+
+    robust: median and IQR/1.349 (falls back to std, then 1); standard: mean and std; none: 0 and 1.
+    Raises LayerError for a band with no valid pixel or no variation (it carries no evidence).
+    """
+    valid = np.asarray(ds["valid"].values, dtype=bool)
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise CubeError(
+            "the cube has no valid pixel: no pixel lies inside the study area with data in every band. "
+            "Fix: check the grid bounds and mask, and that every layer overlaps the study area"
+        )
+    step = max(1, int(np.ceil(np.sqrt(n_valid / MAX_STAT_PIXELS))))
+    sub_valid = valid[::step, ::step]
+    centers, scales = [], []
+    for i, band in enumerate(ds["band"].values.tolist()):
+        vals = np.asarray(ds["evidence"].isel(band=i).values[::step, ::step][sub_valid], dtype="float64")
+        scaling = str(ds["scaling"].values[i])
+        if vals.size == 0 or not np.isfinite(vals).any():
+            raise LayerError(band, "has no data inside the study area", "check its nodata value and its extent")
+        if np.nanmax(vals) == np.nanmin(vals):
+            raise LayerError(
+                band,
+                f"is constant ({vals[0]:g}) over the study area and carries no evidence",
+                "remove it from 'layers' or check its source file",
+            )
+        if scaling == "robust":
+            q25, med, q75 = np.nanpercentile(vals, [25, 50, 75])
+            scale = (q75 - q25) / 1.349
+            if not scale > 0:
+                scale = float(np.nanstd(vals)) or 1.0
+            center = med
+        elif scaling == "standard":
+            center, scale = float(np.nanmean(vals)), float(np.nanstd(vals)) or 1.0
+        else:
+            center, scale = 0.0, 1.0
+        centers.append(float(center))
+        scales.append(float(scale))
+    return np.asarray(centers), np.asarray(scales)
+
+
+def normalised(ds: xr.Dataset, fill: float = 0.0) -> xr.DataArray:
+    """Lazily normalised evidence, ``(evidence - center) / scale``, invalid pixels set to ``fill``.
+
+    Returns a DataArray [band, y, x] float32 with the cube's CRS.
+    """
+    for c in STAT_COORDS:
+        if c not in ds.coords:
+            raise CubeError(f"cube has no '{c}' statistics; it was not written by write_cube. Fix: rebuild it")
+    z = (ds["evidence"] - ds["center"]) / ds["scale"]
+    z = z.where(ds["valid"].astype(bool) & np.isfinite(z), fill).astype("float32")
+    return z.rio.write_crs(ds.rio.crs)
+
+
+def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, provenance: dict | None = None) -> Path:
+    """Compute and write a cube atomically: write ``<path>.tmp-*``, add statistics, then rename.
+
+    A failure at any point leaves no store at ``path`` (and removes the temporary one).
+    Returns the path.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    ds = ds.copy()
+    ds.attrs = {**ds.attrs, "mpm_cube_version": CUBE_VERSION}
+    if provenance is not None:
+        ds.attrs["provenance"] = json.dumps(provenance, default=str)
+    for c in STAT_COORDS:
+        if c in ds.coords:
+            ds = ds.drop_vars(c)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for var in ds.variables.values():
+            var.encoding.pop("chunks", None)
+            var.encoding.pop("preferred_chunks", None)
+        delayed = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                delayed.compute()
+        else:
+            delayed.compute()
+        written = xr.open_zarr(tmp, zarr_format=3, consolidated=False, decode_coords="all")
+        center, scale = compute_stats(written)
+        # mode="a" rewrites the group attributes, so carry them along.
+        stats = xr.Dataset(coords={"center": ("band", center), "scale": ("band", scale)}, attrs=ds.attrs)
+        stats.to_zarr(tmp, mode="a", zarr_format=3, consolidated=False)
+        _consolidate(tmp)
+        if path.exists():
+            backup = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _consolidate(path: Path) -> None:
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def open_cube(path: str | Path, *, validate: bool = True) -> xr.Dataset:
+    """Open a cube lazily (dask-backed) and check that it is complete and consistent."""
+    path = Path(path)
+    if not path.exists():
+        raise CubeError(f"cube {str(path)!r} does not exist. Fix: build it with `mpm cube CONFIG --out DIR`")
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = xr.open_zarr(path, zarr_format=3, decode_coords="all")
+    except Exception as exc:  # zarr raises many types for a broken store
+        raise CubeError(
+            f"cube {str(path)!r} cannot be opened as a Zarr v3 store ({type(exc).__name__}: {exc}). "
+            "Fix: rebuild it with `mpm cube`"
+        ) from None
+    # Per-band metadata is tiny: hold it in memory so that .values never triggers a dask compute.
+    small = [c for c in ("band", *BAND_COORDS, *STAT_COORDS) if c in ds.coords]
+    ds = ds.assign_coords({c: ds[c].load() for c in small})
+    if validate:
+        validate_cube(ds, str(path))
+    return ds
+
+
+def validate_cube(ds: xr.Dataset, where: str = "cube") -> None:
+    """Raise CubeError unless ``ds`` has the layout documented in this module."""
+    problems = []
+    for v, dims in (("evidence", ("band", "y", "x")), ("valid", ("y", "x"))):
+        if v not in ds:
+            problems.append(f"variable '{v}' is missing")
+        elif ds[v].dims != dims:
+            problems.append(f"variable '{v}' has dims {ds[v].dims}, expected {dims}")
+    for c in ("band", *BAND_COORDS, *STAT_COORDS):
+        if c not in ds.coords:
+            problems.append(f"coordinate '{c}' is missing")
+    if ds.attrs.get("mpm_cube_version") != CUBE_VERSION:
+        problems.append(f"mpm_cube_version is {ds.attrs.get('mpm_cube_version')!r}, expected {CUBE_VERSION}")
+    if not problems:
+        if ds.rio.crs is None:
+            problems.append("it has no CRS")
+        if "evidence" in ds and ds["evidence"].dtype != np.float32:
+            problems.append(f"evidence dtype is {ds['evidence'].dtype}, expected float32")
+        if not (np.all(np.isfinite(ds["center"].values)) and np.all(ds["scale"].values > 0)):
+            problems.append("normalisation statistics are not finite and positive")
+        chunks = ds["evidence"].chunks
+        if chunks is not None and len(chunks[0]) != 1:
+            problems.append("bands are split across chunks (all bands must be in one chunk)")
+    if problems:
+        raise CubeError(
+            f"{where} is not a valid cube: " + "; ".join(problems) + ". Fix: rebuild it with `mpm cube CONFIG --out DIR`"
+        )
