@@ -1,0 +1,439 @@
+"""Read every layer of a run config and align it onto the target grid, lazily.
+
+Each reader returns ``xr.DataArray`` bands (y, x) float32 on the target grid, backed by dask, NaN where
+there is no data. Nothing is computed here: :func:`build_cube` returns a lazy Dataset, and the first
+compute happens when :func:`pipeline.cube.write_cube` writes it.
+
+Resampling by kind: continuous rasters use bilinear (average when the source is more than twice as fine
+as the grid); categorical rasters nearest (mode when downsampling). Vectors are rasterised on the target
+grid itself (distance, indicator, one band per class); point samples are gridded by IDW on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import dask
+import dask.array as dsa
+import numpy as np
+import pandas as pd
+import xarray as xr
+from odc.geo.geobox import GeoBox
+from odc.geo.geom import BoundingBox
+
+from .config import LayerConfig, RunConfig
+from .cube import from_arrays
+from .errors import LayerError
+from .grid import (
+    _rasterize,
+    _read_vector,
+    check_overlap,
+    ensure_input_exists,
+    geobox_coords,
+    is_raster,
+    raster_footprint,
+    study_mask,
+    target_geobox,
+)
+
+__all__ = ["build_cube", "read_layer", "open_raster_layer", "idw_block", "read_points", "provenance"]
+
+
+# ----------------------------------------------------------------------------------------------
+# rasters
+# ----------------------------------------------------------------------------------------------
+def _choose_resampling(layer: LayerConfig, src_res: float, dst_res: float) -> str:
+    if layer.resampling:
+        return layer.resampling
+    downsampling = src_res < dst_res / 2
+    if layer.kind == "categorical":
+        return "mode" if downsampling else "nearest"
+    return "average" if downsampling else "bilinear"
+
+
+def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int, raw: bool = False) -> xr.DataArray:
+    """One raster band aligned onto ``geobox``: a lazy (y, x) float32 DataArray, NaN = nodata.
+
+    ``raw=True`` skips the kind-specific resampling choice (used for masks).
+    """
+    import rasterio
+    import rioxarray
+    from odc.geo.xr import xr_reproject
+
+    path = cfg.resolve(layer.path)
+    ensure_input_exists(path, layer.name)
+    bbox = raster_footprint(path, layer.name, layer.crs, geobox.crs)
+    check_overlap(layer.name, bbox, geobox)
+    with rasterio.open(path) as src:
+        if layer.band > src.count:
+            raise LayerError(layer.name, f"band {layer.band} requested but {str(path)!r} has {src.count}", "set 'band' to 1..count")
+        dtype = src.dtypes[layer.band - 1]
+        if not np.issubdtype(np.dtype(dtype), np.number):
+            raise LayerError(layer.name, f"raster dtype {dtype!r} is not numeric", "convert the raster to a numeric type")
+        src_res = abs(src.transform.a)
+        src_crs = src.crs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        da = rioxarray.open_rasterio(path, chunks={"band": 1, "y": chunk, "x": chunk}, masked=True, lock=False)
+    da = da.sel(band=layer.band, drop=True).astype("float32")
+    if src_crs is None:
+        da = da.rio.write_crs(layer.crs)
+    if layer.nodata is not None:
+        da = da.where(da != np.float32(layer.nodata))
+    # a rough source resolution in target units decides between bilinear and average
+    if da.rio.crs.is_geographic != geobox.crs.geographic:
+        src_res_dst = (bbox.right - bbox.left) / max(da.sizes["x"], 1)
+    else:
+        src_res_dst = src_res
+    dst_res = abs(geobox.transform.a)
+    resampling = "nearest" if raw else _choose_resampling(layer, src_res_dst, dst_res)
+    out = xr_reproject(da, geobox, resampling=resampling, chunks=(chunk, chunk), dst_nodata=np.nan)
+    x, y = geobox_coords(geobox)
+    out = out.drop_vars([c for c in out.coords if c not in ("x", "y")]).assign_coords(x=x, y=y)
+    out.attrs = {}
+    return out.astype("float32")
+
+
+# ----------------------------------------------------------------------------------------------
+# vectors
+# ----------------------------------------------------------------------------------------------
+def _grid_da(arr: dsa.Array, geobox: GeoBox) -> xr.DataArray:
+    x, y = geobox_coords(geobox)
+    return xr.DataArray(arr, dims=("y", "x"), coords={"y": y, "x": x})
+
+
+def _distance_grid(geoms, geobox: GeoBox) -> np.ndarray:
+    from scipy.ndimage import distance_transform_edt
+
+    hit = _rasterize(geoms, geobox, all_touched=True)
+    if not hit.any():
+        return np.full(tuple(geobox.shape), np.nan, dtype="float32")
+    sampling = (abs(geobox.transform.e), abs(geobox.transform.a))
+    return distance_transform_edt(~hit, sampling=sampling).astype("float32")
+
+
+def _vector_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
+    path = cfg.resolve(layer.path)
+    ensure_input_exists(path, layer.name)
+    gdf = _read_vector(path, layer.layer, layer.name, layer.crs, layer.query)
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    gdf = gdf.to_crs(geobox.crs.wkt)
+    b = gdf.total_bounds
+    check_overlap(layer.name, BoundingBox(*b, crs=geobox.crs), geobox)
+    shape = tuple(geobox.shape)
+    if layer.kind == "distance":
+        arr = dsa.from_delayed(dask.delayed(_distance_grid)(list(gdf.geometry), geobox), shape=shape, dtype="float32")
+        return [_grid_da(arr.rechunk(chunk), geobox)]
+    polys = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if polys.empty:
+        raise LayerError(layer.name, f"kind {layer.kind!r} needs polygons, {str(path)!r} has {sorted(set(gdf.geom_type))}", "use kind 'distance' for lines or points")
+    if layer.kind == "indicator":
+        arr = dsa.from_delayed(dask.delayed(_rasterize)(list(polys.geometry), geobox, False), shape=shape, dtype=bool)
+        return [_grid_da(arr.rechunk(chunk).astype("float32"), geobox)]
+    # categorical polygons: one 0/1 band per class
+    if layer.attribute is None or layer.attribute not in polys.columns:
+        cols = [c for c in polys.columns if c != "geometry"]
+        raise LayerError(
+            layer.name,
+            f"attribute {layer.attribute!r} is not a column of {str(path)!r} (columns: {cols})",
+            "set 'attribute' to the column that holds the class",
+        )
+    present = set(polys[layer.attribute].astype(str))
+    missing = [c for c in layer.classes if str(c) not in present]
+    if missing:
+        raise LayerError(
+            layer.name,
+            f"class(es) {missing} do not occur in attribute {layer.attribute!r} (values: {sorted(present)[:20]})",
+            "fix 'classes' to values of the attribute",
+        )
+    bands = []
+    for cls in layer.classes:
+        geoms = list(polys.geometry[polys[layer.attribute].astype(str) == str(cls)])
+        arr = dsa.from_delayed(dask.delayed(_rasterize)(geoms, geobox, False), shape=shape, dtype=bool)
+        bands.append(_grid_da(arr.rechunk(chunk).astype("float32"), geobox))
+    return bands
+
+
+# ----------------------------------------------------------------------------------------------
+# point samples
+# ----------------------------------------------------------------------------------------------
+def read_points(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Read point samples: (x [N], y [N]) in ``dst_crs`` and a numeric DataFrame of ``layer.columns``.
+
+    Sentinels in ``layer.missing`` become NaN; negative values mean below detection ('< |v|') and are
+    replaced by ``|v| / 2`` (``below_detection: half``), NaN (``nan``) or kept (``value``).
+    """
+    from pyproj import Transformer
+
+    path = cfg.resolve(layer.path)
+    ensure_input_exists(path, layer.name)
+    if path.suffix.lower() in (".csv", ".txt"):
+        try:
+            df = pd.read_csv(path)
+        except Exception as exc:
+            raise LayerError(layer.name, f"cannot read CSV {str(path)!r} ({exc})", "check that it is a comma-separated table with a header") from None
+        missing = [c for c in (layer.x, layer.y) if c not in df.columns]
+        if missing:
+            raise LayerError(
+                layer.name,
+                f"x/y column(s) {missing} not in {str(path)!r} (columns: {list(df.columns)[:30]})",
+                "set 'x' and 'y' to the coordinate columns",
+            )
+        if layer.query:
+            df = _query(df, layer)
+        x = _numeric(df[layer.x], layer, layer.x)
+        y = _numeric(df[layer.y], layer, layer.y)
+        if layer.crs is None:
+            raise LayerError(layer.name, "point samples from a CSV have no CRS", "add 'crs: EPSG:4326' (or the CRS of x/y) to the layer")
+        src_crs = layer.crs
+    else:
+        gdf = _read_vector(path, layer.layer, layer.name, layer.crs, layer.query)
+        df = pd.DataFrame(gdf.drop(columns="geometry"))
+        x, y = gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()
+        src_crs = gdf.crs.to_wkt()
+    absent = [c for c in layer.columns if c not in df.columns]
+    if absent:
+        raise LayerError(layer.name, f"value column(s) {absent} not in {str(path)!r} (columns: {list(df.columns)[:30]})", "fix 'columns'")
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
+    vals = pd.DataFrame({c: _numeric(df[c], layer, c) for c in layer.columns})[ok].reset_index(drop=True)
+    for s in layer.missing:
+        vals = vals.mask(np.isclose(vals, s))
+    if layer.below_detection == "half":
+        vals = vals.mask(vals < 0, -vals / 2)
+    elif layer.below_detection == "nan":
+        vals = vals.mask(vals < 0)
+    tx = Transformer.from_crs(src_crs, dst_crs.wkt if hasattr(dst_crs, "wkt") else dst_crs, always_xy=True)
+    px, py = tx.transform(x[ok], y[ok])
+    return np.asarray(px), np.asarray(py), vals
+
+
+def _query(df: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
+    try:
+        out = df.query(layer.query)
+    except Exception as exc:
+        raise LayerError(layer.name, f"query {layer.query!r} failed ({exc})", f"use column names among {list(df.columns)[:30]}") from None
+    if out.empty:
+        raise LayerError(layer.name, f"query {layer.query!r} selects no sample", "relax the query")
+    return out
+
+
+def _numeric(series: pd.Series, layer: LayerConfig, column: str) -> np.ndarray:
+    num = pd.to_numeric(series, errors="coerce")
+    bad = num.isna() & series.notna() & (series.astype(str).str.strip() != "")
+    if bad.any():
+        first = series[bad].iloc[0]
+        raise LayerError(
+            layer.name,
+            f"column {column!r} holds non-numeric value {first!r} (row {int(np.flatnonzero(bad.to_numpy())[0])}, {int(bad.sum())} such rows)",
+            "clean the column, or list the sentinel under 'missing'",
+        )
+    return num.to_numpy(dtype="float64")
+
+
+def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_distance=None) -> np.ndarray:
+    """Inverse-distance weighting of samples (px, py, values [N]) at grid points (xs [W], ys [H]) -> [H, W].
+
+    A pixel centre that coincides with a sample takes its value exactly; pixels with no sample within
+    ``radius`` (or farther than ``max_distance`` from the nearest sample) are NaN.
+    """
+    from scipy.spatial import cKDTree
+
+    gx, gy = np.meshgrid(xs, ys)
+    out = np.full(gx.shape, np.nan, dtype="float64")
+    if len(values) == 0:
+        return out.astype("float32")
+    tree = cKDTree(np.column_stack([px, py]))
+    k = min(k, len(values))
+    ub = radius if radius is not None else np.inf
+    d, idx = tree.query(np.column_stack([gx.ravel(), gy.ravel()]), k=k, distance_upper_bound=ub)
+    d = d.reshape(-1, k)
+    idx = idx.reshape(-1, k)
+    found = np.isfinite(d)
+    safe_idx = np.where(found, idx, 0)
+    v = values[safe_idx]
+    exact = found & (d == 0)
+    with np.errstate(divide="ignore"):
+        w = np.where(found, 1.0 / np.maximum(d, 1e-300) ** power, 0.0)
+    wsum = w.sum(axis=1)
+    res = np.where(wsum > 0, (w * v).sum(axis=1) / np.where(wsum > 0, wsum, 1), np.nan)
+    has_exact = exact.any(axis=1)
+    if has_exact.any():
+        res[has_exact] = v[has_exact, np.argmax(exact[has_exact], axis=1)]
+    lim = max_distance if max_distance is not None else radius
+    if lim is not None:
+        res[~(d[:, 0] <= lim)] = np.nan
+    return res.reshape(gx.shape).astype("float32")
+
+
+def _idw_map_block(block, px, py, values, x, y, power, k, radius, max_distance, block_info=None):
+    (r0, r1), (c0, c1) = block_info[0]["array-location"]
+    return idw_block(px, py, values, x[c0:c1], y[r0:r1], power=power, k=k, radius=radius, max_distance=max_distance)
+
+
+def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
+    px, py, vals = read_points(layer, cfg, geobox.crs)
+    ext = geobox.extent.boundingbox
+    check_overlap(layer.name, BoundingBox(px.min(), py.min(), px.max() + 1e-9, py.max() + 1e-9, crs=geobox.crs), geobox)
+    vals = _transform_samples(vals, layer)
+    x, y = geobox_coords(geobox)
+    template = dsa.zeros(tuple(geobox.shape), chunks=chunk, dtype="float32")
+    it = layer.interpolation
+    k = 1 if it.method == "nearest" else it.k
+    bands = []
+    for col in layer.columns:
+        v = vals[col].to_numpy(dtype="float64")
+        good = np.isfinite(v)
+        if not good.any():
+            raise LayerError(f"{layer.name}.{col}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
+        arr = dsa.map_blocks(
+            _idw_map_block, template, px[good], py[good], v[good], x, y, it.power, k, it.radius, it.max_distance,
+            dtype="float32",
+        )
+        bands.append(_grid_da(arr, geobox))
+    del ext
+    return bands
+
+
+def _transform_samples(vals: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
+    if layer.transform == "none":
+        return vals
+    arr = vals.to_numpy(dtype="float64")
+    if np.any(arr[np.isfinite(arr)] <= 0):
+        bad = vals.columns[(vals <= 0).any()].tolist()
+        raise LayerError(
+            layer.name,
+            f"transform {layer.transform!r} needs positive values but column(s) {bad} hold values <= 0 "
+            f"(min {np.nanmin(arr):g})",
+            "list sentinels under 'missing', use below_detection: half, or use transform 'none'",
+        )
+    logv = np.log10(arr) if layer.transform == "log10" else np.log(arr)
+    if layer.transform == "clr":
+        # CLR needs every part of the composition: samples missing a part are left out of all bands
+        logv = logv - np.mean(logv, axis=1, keepdims=True)
+    return pd.DataFrame(logv, columns=vals.columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms on gridded bands
+# ----------------------------------------------------------------------------------------------
+def _checked_log(block: np.ndarray, name: str, base10: bool) -> np.ndarray:
+    bad = np.isfinite(block) & (block <= 0)
+    if bad.any():
+        raise LayerError(
+            name,
+            f"log transform needs positive values but the layer holds {block[bad].min():g}",
+            "set the layer's 'nodata' to that sentinel, or use transform 'none'",
+        )
+    return (np.log10(block) if base10 else np.log(block)).astype("float32")
+
+
+def _apply_log(da: xr.DataArray, name: str, base10: bool) -> xr.DataArray:
+    data = dsa.map_blocks(_checked_log, da.data, name, base10, dtype="float32")
+    return da.copy(data=data)
+
+
+def read_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
+    """All bands of one layer on the target grid (lazy), before cross-band transforms (CLR of rasters)."""
+    path = cfg.resolve(layer.path)
+    if layer.kind == "points":
+        return _point_bands(layer, cfg, geobox, chunk)
+    if layer.kind in ("distance", "indicator") or (layer.kind == "categorical" and not is_raster(path)):
+        return _vector_bands(layer, cfg, geobox, chunk)
+    if not is_raster(path):
+        raise LayerError(
+            layer.name, f"kind {layer.kind!r} expects a raster (.tif) but got {path.name!r}",
+            "use kind 'distance', 'indicator' or 'categorical' for vector files",
+        )
+    da = open_raster_layer(layer, cfg, geobox, chunk)
+    if layer.kind == "categorical":
+        return [xr.where(np.isfinite(da), (da == float(c)).astype("float32"), np.nan).astype("float32") for c in layer.classes]
+    if layer.transform in ("log", "log10"):
+        da = _apply_log(da, layer.name, layer.transform == "log10")
+    return [da]
+
+
+def _raster_clr(bands: list[xr.DataArray], names: list[str]) -> list[xr.DataArray]:
+    logs = [_apply_log(b, n, False) for b, n in zip(bands, names)]
+    mean = sum(logs) / len(logs)
+    return [(lg - mean).astype("float32") for lg in logs]
+
+
+# ----------------------------------------------------------------------------------------------
+# the cube
+# ----------------------------------------------------------------------------------------------
+def file_fingerprint(path: Path, max_hash_bytes: int = 64 * 2**20) -> str:
+    """sha256 of a file (or of a folder's file list), or size+mtime for large files."""
+    path = Path(path)
+    if path.is_dir():
+        return "dir"
+    st = path.stat()
+    if st.st_size > max_hash_bytes:
+        return f"size={st.st_size};mtime={int(st.st_mtime)}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for blk in iter(lambda: f.read(1 << 20), b""):
+            h.update(blk)
+    return "sha256:" + h.hexdigest()
+
+
+def provenance(cfg: RunConfig) -> dict:
+    from . import __version__
+
+    return {
+        "config_name": cfg.name,
+        "mpm_version": __version__,
+        "inputs": {l.name: {"path": str(cfg.resolve(l.path)), "hash": file_fingerprint(cfg.resolve(l.path))} for l in cfg.layers if cfg.resolve(l.path).exists()},
+        "grid": cfg.grid.model_dump(mode="json"),
+    }
+
+
+def build_cube(cfg: RunConfig) -> xr.Dataset:
+    """The lazy evidence cube of a run config (nothing computed; write it with ``write_cube``)."""
+    geobox = target_geobox(cfg)
+    chunk = cfg.grid.chunk
+    bands: list[xr.DataArray] = []
+    meta: list[tuple[str, LayerConfig]] = []
+    for layer in cfg.layers:
+        for name, da in zip(layer.band_names, read_layer(layer, cfg, geobox, chunk)):
+            bands.append(da)
+            meta.append((name, layer))
+    # CLR across the raster bands of each source group that ask for it (point layers did theirs per sample)
+    clr_groups: dict[str, list[int]] = {}
+    for i, (_, layer) in enumerate(meta):
+        if layer.transform == "clr" and layer.kind != "points":
+            clr_groups.setdefault(layer.source, []).append(i)
+    for src, idx in clr_groups.items():
+        if len(idx) < 2:
+            raise LayerError(meta[idx[0]][0], f"transform 'clr' needs at least two layers in source group {src!r}", "use 'log', or add the other parts of the composition")
+        for i, da in zip(idx, _raster_clr([bands[i] for i in idx], [meta[i][0] for i in idx])):
+            bands[i] = da
+    x, y = geobox_coords(geobox)
+    evidence = dsa.stack([b.data for b in bands]).astype("float32")
+    valid = dsa.isfinite(evidence).all(axis=0)
+    mask = study_mask(cfg, geobox, chunk)
+    if mask is not None:
+        valid = valid & mask.data
+    for name in cfg.grid.mask_layers:
+        idx = [i for i, (_, l) in enumerate(meta) if l.name == name]
+        valid = valid & dsa.isfinite(evidence[idx]).all(axis=0)
+    # outside the study area evidence is NaN so that no reader mistakes it for data
+    evidence = dsa.where(valid[None], evidence, np.float32(np.nan))
+    return from_arrays(
+        evidence,
+        valid=valid,
+        bands=[m[0] for m in meta],
+        sources=[m[1].source for m in meta],
+        kinds=[m[1].kind for m in meta],
+        transforms=[m[1].transform for m in meta],
+        scalings=["none" if m[1].kind in ("categorical", "indicator") and m[1].scaling == "robust" else m[1].scaling for m in meta],
+        files=[str(cfg.resolve(m[1].path)) for m in meta],
+        x=x,
+        y=y,
+        crs=geobox.crs.wkt,
+        chunk=chunk,
+        name=cfg.name,
+    )
