@@ -110,6 +110,11 @@ class LayerConfig(_Frozen):
     below_detection: Literal["half", "nan", "value"] = Field(
         "half", description="Negative values in point samples mean '< |v|': replaced by |v|/2 ('half')."
     )
+    zeros: Literal["error", "half_min"] = Field(
+        "error",
+        description="Zeros before a log/CLR transform: 'error', or replace by half the smallest positive value "
+        "(per column for point samples; reads the source raster once for rasters).",
+    )
     interpolation: InterpolationConfig = InterpolationConfig()
 
     @field_validator("kind")
@@ -230,7 +235,11 @@ class ClusterConfig(_Frozen):
 
 
 class EvaluateConfig(_Frozen):
+    protocol: Literal["raster", "points"] = Field(
+        "raster", description="'raster': deposit cells vs the valid area; 'points': OpenGADBench sample protocol."
+    )
     buffer: float | None = Field(None, ge=0, description="Negatives at least this far from deposits (CRS units).")
+    min_dist_km: float = Field(5.0, ge=0, description="Point protocol: negatives at least this far from deposits.")
     repeats: int = Field(20, ge=1)
     seed: int = 42
 

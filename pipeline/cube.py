@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 from .errors import CubeError, LayerError

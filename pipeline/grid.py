@@ -94,14 +94,10 @@ def target_geobox(cfg: RunConfig) -> GeoBox:
     if g.bounds is not None:
         bbox = BoundingBox(*g.bounds, crs=crs)
         return GeoBox.from_bbox(bbox, crs=crs, resolution=_odc_res(res), tight=True)
-    boxes = [
-        raster_footprint(cfg.resolve(l.path), l.name, l.crs, crs)
-        for l in cfg.layers
-        if is_raster(cfg.resolve(l.path)) and l.kind in ("continuous", "categorical")
-    ]
+    boxes = [layer_footprint(l, cfg, crs) for l in cfg.layers]
     if not boxes:
         raise ConfigError(
-            "grid.bounds is not set and there is no raster layer to take the extent from. "
+            "grid.bounds is not set and no layer gives an extent. "
             "Fix: add 'bounds: [xmin, ymin, xmax, ymax]' (target CRS) or 'like: <raster>' under grid"
         )
     x0 = min(b.left for b in boxes)
@@ -109,6 +105,21 @@ def target_geobox(cfg: RunConfig) -> GeoBox:
     x1 = max(b.right for b in boxes)
     y1 = max(b.top for b in boxes)
     return GeoBox.from_bbox(BoundingBox(x0, y0, x1, y1, crs=crs), crs=crs, resolution=_odc_res(res))
+
+
+def layer_footprint(layer, cfg: RunConfig, dst_crs: OdcCRS) -> BoundingBox:
+    """Extent of one layer's data in ``dst_crs`` (rasters, vector features or point samples)."""
+    path = cfg.resolve(layer.path)
+    ensure_input_exists(path, layer.name)
+    if is_raster(path):
+        return raster_footprint(path, layer.name, layer.crs, dst_crs)
+    if layer.kind == "points":
+        from .ingest import read_points
+
+        px, py, _ = read_points(layer, cfg, dst_crs)
+        return BoundingBox(px.min(), py.min(), px.max(), py.max(), crs=dst_crs)
+    gdf = _read_vector(path, layer.layer, layer.name, layer.crs, layer.query).to_crs(dst_crs.wkt)
+    return BoundingBox(*gdf.total_bounds, crs=dst_crs)
 
 
 def _odc_res(res: tuple[float, float]):

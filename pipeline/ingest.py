@@ -82,6 +82,10 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
         da = da.rio.write_crs(layer.crs)
     if layer.nodata is not None:
         da = da.where(da != np.float32(layer.nodata))
+    if layer.zeros == "half_min" and layer.transform != "none":
+        # one read of the source band (not of the aligned grid) to find its smallest positive value
+        min_pos = float(da.where(da > 0).min().compute())
+        da = da.where(~(da <= 0), np.float32(min_pos / 2))
     # a rough source resolution in target units decides between bilinear and average
     if da.rio.crs.is_geographic != geobox.crs.geographic:
         src_res_dst = (bbox.right - bbox.left) / max(da.sizes["x"], 1)
@@ -301,6 +305,8 @@ def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int)
 def _transform_samples(vals: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
     if layer.transform == "none":
         return vals
+    if layer.zeros == "half_min":
+        vals = vals.apply(lambda c: c.mask(c <= 0, c[c > 0].min() / 2))
     arr = vals.to_numpy(dtype="float64")
     if np.any(arr[np.isfinite(arr)] <= 0):
         bad = vals.columns[(vals <= 0).any()].tolist()

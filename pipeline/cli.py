@@ -1,0 +1,154 @@
+"""``mpm`` command line: wiring only; the logic lives in the stage modules.
+
+    mpm demo  --out DIR                 synthetic province -> every output (the README's main job)
+    mpm run   CONFIG --out DIR          cube -> train -> score -> evaluate -> report
+    mpm cube  CONFIG --out DIR          DIR/cube.zarr
+    mpm train CONFIG --cube C --out DIR DIR/model.pt
+    mpm score CONFIG --cube C --model M --out DIR
+    mpm evaluate CONFIG --scores P --out DIR
+    mpm synth --out DIR                 write the synthetic province's input files only
+
+Errors of this package print as one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import MPMError
+
+
+def _load(config: str):
+    from .config import RunConfig
+
+    return RunConfig.from_yaml(config)
+
+
+def cmd_cube(args) -> int:
+    from .runner import build_cube_stage
+
+    cfg = _load(args.config)
+    out = Path(args.out)
+    path = build_cube_stage(cfg, out, force=args.force, progress=not args.quiet)
+    print(f"cube: {path}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .synthetic import write_province
+
+    prov = write_province(Path(args.out), size=args.size, seed=args.seed)
+    print(f"synthetic province: {prov.config_path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .runner import run_pipeline
+    from .synthetic import write_province
+
+    out = Path(args.out)
+    prov = write_province(out / "province", size=args.size, seed=args.seed)
+    print(f"synthetic province ({args.size} px, seed {args.seed}): {prov.config_path}")
+    cfg = _load(str(prov.config_path))
+    if args.epochs is not None:
+        cfg = cfg.with_updates(train={"epochs": args.epochs})
+    run_pipeline(cfg, out, force=args.force, stages=args.stages, progress=not args.quiet)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .runner import run_pipeline
+
+    cfg = _load(args.config)
+    run_pipeline(cfg, Path(args.out), force=args.force, stages=args.stages, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train_from_config
+
+    path = train_from_config(args.config, args.cube, args.out)
+    print(f"model: {path}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .sinks import score_to_disk
+
+    cfg = _load(args.config)
+    paths = score_to_disk(args.cube, args.model, cfg, args.out)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpm", description="Unsupervised mineral prospectivity mapping (fusion-conv ViT).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, config=True):
+        if config:
+            sp.add_argument("config", help="run-config YAML")
+        sp.add_argument("--out", required=True, help="output folder")
+        sp.add_argument("--force", action="store_true", help="redo stages whose outputs already exist")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("cube", help="build DIR/cube.zarr from a run config")
+    common(sp)
+    sp.set_defaults(func=cmd_cube)
+
+    stages_help = "comma-separated stages to run (default: all): cube,quicklook,train,score,evaluate,report"
+    sp = sub.add_parser("run", help="run every stage of a config")
+    common(sp)
+    sp.add_argument("--stages", default=None, help=stages_help)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("demo", help="every stage on the embedded synthetic province (no input files)")
+    common(sp, config=False)
+    sp.add_argument("--size", type=int, default=192, help="province size in pixels a side (default 192)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    sp.add_argument("--stages", default=None, help=stages_help)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("synth", help="write the synthetic province's input files and run config")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--size", type=int, default=192)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_synth)
+
+    sp = sub.add_parser("train", help="train the model: DIR/model.pt")
+    sp.add_argument("config")
+    sp.add_argument("--cube", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("score", help="score the cube: DIR/prospectivity.zarr and .tif")
+    sp.add_argument("config")
+    sp.add_argument("--cube", required=True)
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_score)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+    try:
+        return args.func(args)
+    except MPMError as exc:
+        msg = str(exc).replace("\n", " ")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Stage orchestration for ``mpm run`` / ``mpm demo``: each stage is a plain function of (config, out dir).
+
+A stage records what it was built from (a hash of the config sections it reads) in ``DIR/stages.json``;
+on a rerun a stage whose output exists and whose recorded hash matches is skipped (``force`` redoes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig
+
+MANIFEST = "stages.json"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_key(cfg: RunConfig, sections: tuple[str, ...]) -> str:
+    data = cfg.model_dump(mode="json")
+    return _hash({s: data.get(s) for s in sections})
+
+
+def _read_manifest(out: Path) -> dict:
+    p = out / MANIFEST
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+
+
+def run_stage(
+    name: str,
+    cfg: RunConfig,
+    out: Path,
+    outputs: list[Path],
+    sections: tuple[str, ...],
+    fn: Callable[[], object],
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    upstream: tuple[str, ...] = (),
+) -> bool:
+    """Run ``fn`` unless its outputs exist and were built from the same config sections. Returns True if run."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(out)
+    key = stage_key(cfg, sections)
+    # a stage is stale if any upstream stage was rebuilt after it
+    up_keys = {u: manifest.get(u, {}).get("key") for u in upstream}
+    key = _hash({"own": key, "upstream": up_keys})
+    done = manifest.get(name, {})
+    if not force and done.get("key") == key and all(Path(p).exists() for p in outputs):
+        log(f"[{name}] up to date, skipped ({', '.join(p.name for p in outputs)})")
+        return False
+    t0 = time.perf_counter()
+    log(f"[{name}] running ...")
+    fn()
+    manifest = _read_manifest(out)
+    manifest[name] = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "outputs": [str(p) for p in outputs]}
+    _write_manifest(out, manifest)
+    log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+    return True
+
+
+def build_cube_stage(cfg: RunConfig, out: Path, *, force: bool = False, progress: bool = True, log=print) -> Path:
+    from .cube import write_cube
+    from .ingest import build_cube, provenance
+
+    path = out / "cube.zarr"
+    run_stage(
+        "cube", cfg, out, [path], ("grid", "layers"),
+        lambda: write_cube(build_cube(cfg), path, progress=progress, provenance=provenance(cfg)),
+        force=force, log=log,
+    )
+    return path
+
+
+def quicklook_stage(cube_path: Path, out: Path, log=print) -> Path:
+    """Write ``bands.png``: every band of the cube and its valid mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .cube import open_cube
+    from .plotting import plot_bands
+
+    fig = plot_bands(open_cube(cube_path))
+    path = out / "bands.png"
+    tmp = out / ".bands.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    os.replace(tmp, path)
+    log(f"[quicklook] {path}")
+    return path
+
+
+ALL_STAGES = ("cube", "quicklook", "train", "score", "evaluate", "report")
+
+
+def available_stages() -> tuple[str, ...]:
+    """Stages whose modules are present in this install (all of them in a release)."""
+    import importlib.util
+
+    need = {"train": "pipeline.train", "score": "pipeline.score", "evaluate": "pipeline.evaluate", "report": "pipeline.report"}
+    return tuple(s for s in ALL_STAGES if s not in need or importlib.util.find_spec(need[s]) is not None)
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    stages: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Run the stages of ``cfg`` into ``out``; returns a dict of the outputs written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    avail = available_stages()
+    wanted = tuple(s.strip() for s in stages.split(",")) if stages else avail
+    unknown = [s for s in wanted if s not in ALL_STAGES]
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}. Fix: use some of {','.join(ALL_STAGES)}")
+    outputs: dict[str, Path] = {}
+    cube_path = out / "cube.zarr"
+    if "cube" in wanted:
+        outputs["cube"] = build_cube_stage(cfg, out, force=force, progress=progress, log=log)
+    if "quicklook" in wanted:
+        outputs["bands"] = quicklook_stage(cube_path, out, log=log)
+    for name in ("train", "score", "evaluate", "report"):
+        if name in wanted:
+            if name not in avail:
+                log(f"[{name}] not available in this install, skipped")
+                continue
+            outputs.update(globals()[f"{name}_stage"](cfg, out, force=force, log=log))
+    log("outputs: " + ", ".join(f"{k}={v}" for k, v in outputs.items()))
+    return outputs
