@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import odc.geo.xr  # noqa: F401  (registers the .odc accessor)
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
@@ -222,6 +223,12 @@ def open_cube(path: str | Path, *, validate: bool = True) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise CubeError(f"cube {str(path)!r} does not exist. Fix: build it with `mpm cube CONFIG --out DIR`")
+    missing = [v for v in ("", "evidence", "valid") if path.is_dir() and not (path / v / "zarr.json").exists()]
+    if missing:
+        raise CubeError(
+            f"cube {str(path)!r} is incomplete: no metadata for {[m or '<root>' for m in missing]}. "
+            "Fix: rebuild it with `mpm cube CONFIG --out DIR`"
+        )
     try:
         import warnings
 

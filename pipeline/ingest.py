@@ -260,8 +260,8 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
     safe_idx = np.where(found, idx, 0)
     v = values[safe_idx]
     exact = found & (d == 0)
-    with np.errstate(divide="ignore"):
-        w = np.where(found, 1.0 / np.maximum(d, 1e-300) ** power, 0.0)
+    d_safe = np.where(found & ~exact, d, 1.0)  # exact hits are handled below
+    w = np.where(found & ~exact, 1.0 / d_safe**power, 0.0)
     wsum = w.sum(axis=1)
     res = np.where(wsum > 0, (w * v).sum(axis=1) / np.where(wsum > 0, wsum, 1), np.nan)
     has_exact = exact.any(axis=1)
