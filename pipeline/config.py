@@ -54,20 +54,20 @@ class GridConfig(_Frozen):
     def _positive_resolution(cls, v):
         vals = (v,) if isinstance(v, (int, float)) else v
         if v is not None and any(r <= 0 for r in vals):
-            raise ValueError(f"resolution must be positive, got {v}; give the pixel size in CRS units, e.g. 100")
+            raise ValueError(f"resolution must be positive. Fix: give the pixel size in CRS units, e.g. 100")
         return v
 
     @field_validator("bounds")
     @classmethod
     def _ordered_bounds(cls, v):
         if v is not None and (v[0] >= v[2] or v[1] >= v[3]):
-            raise ValueError(f"bounds {list(v)} are not [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+            raise ValueError(f"bounds {list(v)} are not ordered. Fix: write [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
         return v
 
     @model_validator(mode="after")
     def _enough_to_define(self):
         if self.like is None and (self.crs is None or self.resolution is None):
-            raise ValueError("give either 'like: <raster>' or both 'crs' and 'resolution'")
+            raise ValueError("the grid is undefined. Fix: give either 'like: <raster>' or both 'crs' and 'resolution'")
         return self
 
 
@@ -121,21 +121,21 @@ class LayerConfig(_Frozen):
     @classmethod
     def _known_kind(cls, v):
         if v not in KINDS:
-            raise ValueError(f"unknown kind {v!r}; use one of {', '.join(KINDS)}")
+            raise ValueError(f"unknown kind {v!r}. Fix: use one of {', '.join(KINDS)}")
         return v
 
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, v):
         if v not in TRANSFORMS:
-            raise ValueError(f"unknown transform {v!r}; use one of {', '.join(TRANSFORMS)}")
+            raise ValueError(f"unknown transform {v!r}. Fix: use one of {', '.join(TRANSFORMS)}")
         return v
 
     @field_validator("scaling")
     @classmethod
     def _known_scaling(cls, v):
         if v not in SCALINGS:
-            raise ValueError(f"unknown scaling {v!r}; use one of {', '.join(SCALINGS)}")
+            raise ValueError(f"unknown scaling {v!r}. Fix: use one of {', '.join(SCALINGS)}")
         return v
 
     @field_validator("resampling")
@@ -143,7 +143,7 @@ class LayerConfig(_Frozen):
     def _known_resampling(cls, v):
         allowed = ("nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med")
         if v is not None and v not in allowed:
-            raise ValueError(f"unknown resampling {v!r}; use one of {', '.join(allowed)}")
+            raise ValueError(f"unknown resampling {v!r}. Fix: use one of {', '.join(allowed)}")
         return v
 
     @model_validator(mode="after")
@@ -151,11 +151,11 @@ class LayerConfig(_Frozen):
         if self.kind == "points":
             missing = [k for k in ("x", "y", "columns") if getattr(self, k) in (None, ())]
             if missing:
-                raise ValueError(f"kind 'points' needs {', '.join(missing)} (the x/y column names and value columns)")
+                raise ValueError(f"kind 'points' needs {', '.join(missing)}. Fix: add the x/y column names and the value columns")
         if self.kind == "categorical" and not self.classes:
-            raise ValueError("kind 'categorical' needs 'classes' (the class values, one band each)")
+            raise ValueError("kind 'categorical' needs 'classes'. Fix: list the class values (one band each)")
         if self.kind in ("categorical", "indicator", "distance") and self.transform in ("log", "log10", "clr"):
-            raise ValueError(f"transform {self.transform!r} does not apply to kind {self.kind!r}; use 'none'")
+            raise ValueError(f"transform {self.transform!r} does not apply to kind {self.kind!r}. Fix: use transform 'none'")
         return self
 
     @property
@@ -195,9 +195,9 @@ class ModelConfig(_Frozen):
     @model_validator(mode="after")
     def _shapes(self):
         if self.window % self.patch:
-            raise ValueError(f"window {self.window} is not a multiple of patch {self.patch}; pick e.g. window 32, patch 4")
+            raise ValueError(f"window {self.window} is not a multiple of patch {self.patch}. Fix: pick e.g. window 32, patch 4")
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}. Fix: e.g. dim 192 with 3 or 6 heads")
         return self
 
 
@@ -262,15 +262,15 @@ class RunConfig(_Frozen):
         for layer in self.layers:
             for b in [layer.name, *layer.band_names]:
                 if b in seen and seen[b] != layer.name:
-                    raise ValueError(f"band name {b!r} of layer {layer.name!r} clashes with layer {seen[b]!r}")
+                    raise ValueError(f"band name {b!r} of layer {layer.name!r} clashes with layer {seen[b]!r}. Fix: rename one of them")
                 seen[b] = layer.name
         names = [l.name for l in self.layers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"duplicate layer name(s) {dupes}; give every layer a unique 'name'")
+            raise ValueError(f"duplicate layer name(s) {dupes}. Fix: give every layer a unique 'name'")
         unknown = [m for m in self.grid.mask_layers if m not in names]
         if unknown:
-            raise ValueError(f"grid.mask_layers names unknown layer(s) {unknown}; known layers: {names}")
+            raise ValueError(f"grid.mask_layers names unknown layer(s) {unknown}. Fix: use names among {names}")
         return self
 
     # -- paths ---------------------------------------------------------------------------------
@@ -346,12 +346,16 @@ def _format_validation_error(exc: ValidationError, data: dict) -> str:
         loc = _loc_str(tuple(err["loc"]), data)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against docs/config-reference.md"
+            msg = "unknown key. Fix: check its spelling against docs/config-reference.md"
         elif err["type"] == "missing":
-            msg = "required key is missing; add it"
+            msg = "required key is missing. Fix: add it"
         value = err.get("input")
-        shown = "" if err["type"] in ("missing",) else f" (got {value!r})"
+        shown = "" if err["type"] in ("missing",) or "{value" in msg else f" (got {value!r})"
         if isinstance(value, dict):
             shown = ""
-        lines.append(f"{loc}: {msg}{shown}")
+        if ". Fix:" in msg:
+            problem, fix = msg.split(". Fix:", 1)
+            lines.append(f"{loc}: {problem}{shown}. Fix:{fix}")
+        else:
+            lines.append(f"{loc}: {msg}{shown}. Fix: see docs/config-reference.md")
     return "invalid run config:\n  " + "\n  ".join(lines)

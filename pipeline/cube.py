@@ -115,9 +115,15 @@ def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     valid = np.asarray(ds["valid"].values, dtype=bool)
     n_valid = int(valid.sum())
     if n_valid == 0:
+        coverage = {}
+        for i, band in enumerate(ds["band"].values.tolist()):
+            frac = float(np.isfinite(ds["evidence"].isel(band=i).values).mean())
+            if frac == 0:
+                raise LayerError(band, "has no data on the grid (every pixel is nodata)", "check its nodata value, CRS and extent")
+            coverage[band] = round(frac, 3)
         raise CubeError(
-            "the cube has no valid pixel: no pixel lies inside the study area with data in every band. "
-            "Fix: check the grid bounds and mask, and that every layer overlaps the study area"
+            f"the cube has no valid pixel (band coverage of the grid: {coverage}): no pixel lies inside the "
+            "study area with data in every band. Fix: check the grid bounds and mask, and that the layers overlap"
         )
     step = max(1, int(np.ceil(np.sqrt(n_valid / MAX_STAT_PIXELS))))
     sub_valid = valid[::step, ::step]

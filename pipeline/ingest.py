@@ -426,8 +426,7 @@ def build_cube(cfg: RunConfig) -> xr.Dataset:
     for name in cfg.grid.mask_layers:
         idx = [i for i, (_, l) in enumerate(meta) if l.name == name]
         valid = valid & dsa.isfinite(evidence[idx]).all(axis=0)
-    # outside the study area evidence is NaN so that no reader mistakes it for data
-    evidence = dsa.where(valid[None], evidence, np.float32(np.nan))
+    # evidence keeps each layer's own coverage (useful to see); `valid` says where all of it is usable
     return from_arrays(
         evidence,
         valid=valid,
