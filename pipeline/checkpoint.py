@@ -1,0 +1,148 @@
+"""Self-describing checkpoints (nanoGPT style): weights + model config + band order + normalisation.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(..., weights_only=True)`` (no pickled classes). Writes are atomic (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .models import FusionViTAE, build_model
+
+CHECKPOINT_VERSION = 1
+META_KEYS = ("model", "bands", "sources", "center", "scale", "groups", "config", "step", "epoch", "optimizer")
+
+__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "model_for_cube"]
+
+
+def save_checkpoint(
+    path,
+    model: FusionViTAE,
+    *,
+    model_cfg: ModelConfig,
+    bands: list[str],
+    sources: list[str],
+    center: list[float],
+    scale: list[float],
+    groups: dict[str, list[int]],
+    config: dict | None = None,
+    optimizer=None,
+    step: int = 0,
+    epoch: int = 0,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically (``<path>.tmp-*`` then ``os.replace``). Returns the path."""
+    path = Path(path)
+    module = getattr(model, "module", model)  # unwrap DDP
+    module = getattr(module, "_orig_mod", module)  # unwrap torch.compile
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    blob = {
+        "mpm_checkpoint": CHECKPOINT_VERSION,
+        "state_dict": state,
+        "model": model_cfg.model_dump(mode="json"),
+        "bands": [str(b) for b in bands],
+        "sources": [str(s) for s in sources],
+        "center": [float(c) for c in np.asarray(center).ravel()],
+        "scale": [float(s) for s in np.asarray(scale).ravel()],
+        "groups": {str(k): [int(i) for i in v] for k, v in groups.items()},
+        "config": config,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": int(step),
+        "epoch": int(epoch),
+        "extra": extra or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, *, map_location="cpu", expect_bands: list[str] | None = None) -> tuple[FusionViTAE, dict]:
+    """Rebuild the model from a checkpoint; returns ``(model in eval mode, meta)``.
+
+    ``meta`` has keys model (ModelConfig as dict), bands, sources, center, scale, groups, config, step, epoch,
+    optimizer (state or None) and extra. Raises CheckpointError for a missing or corrupt file, missing keys,
+    or bands that differ from ``expect_bands``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist. Fix: train a model with `mpm train` first")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a checkpoint of this package "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Fix: retrain with `mpm train`, or resume from an intact checkpoint"
+        ) from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(blob).__name__}, not a checkpoint dict. Fix: retrain")
+    missing = [k for k in ("state_dict", *META_KEYS) if k not in blob]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} lacks {', '.join(missing)}; it was not written by save_checkpoint. "
+            "Fix: retrain with `mpm train`"
+        )
+    bands = list(blob["bands"])
+    if expect_bands is not None and list(map(str, expect_bands)) != bands:
+        raise CheckpointError(_band_mismatch(str(path), bands, list(map(str, expect_bands))))
+    try:
+        cfg = ModelConfig(**blob["model"])
+        model = build_model(cfg, blob["groups"])
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not rebuild its model ({type(exc).__name__}: {exc}). Fix: retrain"
+        ) from None
+    model.eval()
+    meta = {k: blob[k] for k in META_KEYS}
+    meta["extra"] = blob.get("extra", {})
+    return model, meta
+
+
+def _band_mismatch(where: str, have: list[str], want: list[str]) -> str:
+    missing = [b for b in have if b not in want]
+    new = [b for b in want if b not in have]
+    detail = []
+    if missing:
+        detail.append(f"missing from the cube: {missing}")
+    if new:
+        detail.append(f"not known to the model: {new}")
+    if not detail:
+        detail.append("same bands in a different order")
+    return (
+        f"checkpoint {where} was trained on bands {have}, but the cube has {want} ({'; '.join(detail)}). "
+        "Fix: score with the cube the model was trained on, or retrain with `mpm train` on this cube"
+    )
+
+
+def model_for_cube(ckpt_meta: dict, cube: xr.Dataset) -> None:
+    """Raise CheckpointError unless ``cube`` has the checkpoint's bands and normalisation statistics."""
+    bands = [str(b) for b in cube["band"].values.tolist()]
+    if bands != list(ckpt_meta["bands"]):
+        raise CheckpointError(_band_mismatch("(model)", list(ckpt_meta["bands"]), bands))
+    for key in ("center", "scale"):
+        if key not in cube.coords:
+            raise CheckpointError(f"the cube has no '{key}' statistics. Fix: rebuild it with `mpm cube`")
+        have = np.asarray(cube[key].values, dtype="float64")
+        want = np.asarray(ckpt_meta[key], dtype="float64")
+        if have.shape != want.shape or not np.allclose(have, want, rtol=1e-6, atol=1e-9):
+            bad = [b for b, h, w in zip(bands, have, want) if not np.isclose(h, w, rtol=1e-6, atol=1e-9)]
+            raise CheckpointError(
+                f"the cube's normalisation '{key}' differs from the model's for band(s) {bad}: the cube was rebuilt "
+                "or is another area's cube. Fix: score with the cube the model was trained on, or retrain"
+            )
