@@ -29,7 +29,7 @@ from .errors import MPMError
 
 __all__ = ["OutputError", "write_zarr_resumable", "write_cog", "zarr_regions", "is_complete"]
 
-MANIFEST_DIR = ".mpm_regions"  # one empty file per finished region; zarr ignores dot-folders
+MANIFEST_DIR = ".mpm_regions"  # one empty file per finished region; removed once the store is complete
 FINGERPRINT_ATTR = "mpm_write_fingerprint"
 COMPLETE_ATTR = "mpm_complete"
 
@@ -208,7 +208,7 @@ def write_zarr_resumable(
         if on_batch is not None:
             on_batch([k for k, _, _ in batch])
 
-    missing = [_region_key(r) for r in zarr_regions(ds, dims) if not (manifest / _region_key(r)).exists()]
+    missing = [k for k in (_region_key(r) for r in zarr_regions(ds, dims)) if not (manifest / k).exists()]
     if missing:  # pragma: no cover - a task that returned without its marker
         raise OutputError(f"{len(missing)} region(s) of {str(path)!r} were not recorded (first: {missing[0]}). Fix: rerun")
     _finish(path)
@@ -218,6 +218,8 @@ def write_zarr_resumable(
 def _finish(path: Path) -> None:
     import zarr
 
+    # The manifest has served its purpose; zarr would warn about the foreign folder on every listing.
+    shutil.rmtree(path / MANIFEST_DIR, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         group = zarr.open_group(str(path), mode="r+")
@@ -241,7 +243,9 @@ def write_cog(
 
     Uses odc-geo's ``save_cog_with_dask`` (overviews computed from the dask graph; tiles of
     ``blocksize`` pixels), writes ``<path>.tmp-*`` and renames it onto ``path``. NaN is the nodata
-    value of float data. Returns ``path``.
+    value of float data. odc-geo pads the raster on the right and bottom to a multiple of
+    ``2**n_overviews`` pixels so that every overview level halves exactly: the GeoTIFF has the
+    DataArray's origin and resolution, and up to ``2**n - 1`` extra nodata rows/columns. Returns ``path``.
     """
     import dask
     import odc.geo.xr  # noqa: F401  (registers the .odc accessor)
