@@ -131,3 +131,189 @@ def plot_bands(
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# score maps and evaluation curves
+# ------------------------------------------------------------------------------------------------
+
+
+def _deposit_xy_on(score: xr.DataArray, deposits) -> np.ndarray:
+    from .evaluate import _deposit_xy
+
+    return _deposit_xy(score, deposits)
+
+
+def plot_map(
+    score_da: xr.DataArray,
+    deposits=None,
+    *,
+    title: str | None = None,
+    cmap: str = "magma",
+    stretch: tuple[float, float] | None = (2.0, 99.5),
+    max_pixels: int = MAX_PIXELS,
+    label: str = "score",
+    figsize: tuple[float, float] = (6.5, 5.5),
+) -> Figure:
+    """A score map (NaN = blank) with known deposits as markers (reprojected to the map's CRS).
+
+    ``stretch`` = percentiles for the colour limits (None = full range). Axes: the map and its colour bar.
+    """
+    da = _decimate(score_da, max_pixels)
+    vals = np.asarray(da.values, dtype="float32")
+    vmin, vmax = _robust_limits(vals, *stretch) if stretch else (np.nanmin(vals), np.nanmax(vals))
+    fig = _new_figure(figsize)
+    ax = fig.add_subplot()
+    im = ax.imshow(vals, extent=_extent(da), origin=_origin(da), cmap=cmap, vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=label)
+    if deposits is not None and len(deposits):
+        xy = _deposit_xy_on(score_da, deposits)
+        ax.scatter(xy[:, 0], xy[:, 1], s=28, marker="^", facecolor="cyan", edgecolor="black", linewidth=0.6,
+                   label=f"known deposits ({len(xy)})", zorder=3)
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
+        left, right, bottom, top = _extent(da)
+        ax.set_xlim(left, right)
+        ax.set_ylim(bottom, top)
+    crs = score_da.rio.crs
+    ax.set_xlabel(f"x ({crs})" if crs else "x")
+    ax.set_ylabel("y")
+    ax.ticklabel_format(style="plain", useOffset=False)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title or str(score_da.name or "score"))
+    return fig
+
+
+def _as_named(scores) -> dict:
+    if isinstance(scores, xr.DataArray):
+        return {str(scores.name or "score"): scores}
+    return dict(scores)
+
+
+def plot_roc(scores, deposits=None, *, title: str = "ROC: deposit cells vs the rest of the valid area",
+             figsize=(5.5, 5.0)) -> Figure:
+    """ROC curves of one or several maps: ``scores`` is a DataArray, or a mapping name -> DataArray,
+    or name -> precomputed ``(fpr, tpr, auc)`` (then ``deposits`` may be None). One axes."""
+    from .evaluate import roc_curve
+
+    fig = _new_figure(figsize)
+    ax = fig.add_subplot()
+    for name, s in _as_named(scores).items():
+        fpr, tpr, auc = s if isinstance(s, tuple) else roc_curve(s, deposits)
+        ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="random (0.5)")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def plot_success_rate(scores, deposits=None, *, title: str = "Success-rate curve", figsize=(5.5, 5.0)) -> Figure:
+    """Capture-efficiency curves: share of deposits vs share of the valid area, highest scores first.
+
+    ``scores`` as in :func:`plot_roc` (precomputed values: ``(area_fraction, deposit_fraction, area)``).
+    One axes."""
+    from .evaluate import success_rate_curve
+
+    fig = _new_figure(figsize)
+    ax = fig.add_subplot()
+    for name, s in _as_named(scores).items():
+        a, d, auc = s if isinstance(s, tuple) else success_rate_curve(s, deposits)
+        ax.plot(100 * a, 100 * d, lw=1.6, label=f"{name} (area {auc:.3f})")
+    ax.plot([0, 100], [0, 100], ls="--", color="grey", lw=1, label="random (0.5)")
+    ax.set(xlim=(0, 100), ylim=(0, 101), xlabel="area, highest scores first (%)",
+           ylabel="known deposits captured (%)", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def plot_prediction_area(score, deposits=None, *, title: str = "Prediction-area plot",
+                         x: str = "percentile", figsize=(6.5, 4.5)) -> Figure:
+    """P-A plot: prediction rate (left axis) and occupied area (right axis, reversed) vs threshold.
+
+    ``score`` is a DataArray (with ``deposits``) or a :class:`pipeline.evaluate.PredictionArea`.
+    ``x='percentile'`` puts the threshold's percentile in the valid area on the x axis (comparable
+    across methods); ``x='score'`` the raw score. The curves cross at the intersection point, marked
+    with its normalised density. Axes: two (the right one is a twin).
+    """
+    from .evaluate import PredictionArea, prediction_area
+
+    pa = score if isinstance(score, PredictionArea) else prediction_area(score, deposits)
+    if x not in ("percentile", "score"):
+        raise ValueError(f"x={x!r}: use 'percentile' or 'score'")
+    if x == "percentile":
+        xs = 100 * pa.percentiles
+        # the intersection's percentile: 1 - occupied area
+        x_star = 100 * (1 - pa.area)
+        xlabel = "score threshold (percentile of the valid area)"
+    else:
+        xs, x_star, xlabel = pa.thresholds, pa.threshold, "score threshold"
+    fig = _new_figure(figsize)
+    ax = fig.add_subplot()
+    ax.plot(xs, 100 * pa.prediction_rate, color="tab:red", lw=1.6, label="prediction rate")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("known deposits in the area above the threshold (%)", color="tab:red")
+    ax.set_ylim(0, 101)
+    right = ax.twinx()
+    # occupied area on a reversed axis, so that it crosses the prediction rate where P = 1 - A
+    right.plot(xs, 100 * pa.occupied_area, color="tab:blue", lw=1.6, label="occupied area")
+    right.set_ylim(101, 0)
+    right.set_ylabel("occupied area (%)", color="tab:blue")
+    ax.plot([x_star], [100 * pa.rate], "ko", ms=6, zorder=4)
+    ax.annotate(
+        f"P = {100 * pa.rate:.1f} %, A = {100 * pa.area:.1f} %\nNd = {pa.normalised_density:.2f}",
+        (x_star, 100 * pa.rate), textcoords="offset points", fontsize=8,
+        xytext=(-110, -34) if x_star > np.nanmean(xs) else (8, -34),  # keep the label inside the axes
+    )
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center left", fontsize=8)
+    ax.set_title(title)
+    return fig
+
+
+def plot_comparison_bars(
+    table,
+    metrics: Sequence[str] = ("auc", "auc_buffered_mean", "success_rate_area"),
+    *,
+    highlight: str | None = None,
+    title: str | None = "Comparison of methods",
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Horizontal bars of each metric per method; one axes per metric present in ``table``.
+
+    ``table``: a pandas DataFrame (index = method, columns = metrics, e.g. rows of
+    :func:`pipeline.evaluate.evaluate_map`), or a mapping method -> metrics dict. A column
+    ``<metric>_std`` (or ``auc_buffered_std`` for ``auc_buffered_mean``) becomes error bars;
+    ``highlight`` names a method drawn in a distinct colour (e.g. the ViT).
+    """
+    import pandas as pd
+
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame.from_dict(dict(table), orient="index")
+    present = [m for m in metrics if m in df.columns]
+    if not present:
+        raise ValueError(f"plot_comparison_bars: none of the metrics {list(metrics)} is a column of the table "
+                         f"(columns: {list(df.columns)})")
+    n = len(present)
+    fig = _new_figure(figsize or (3.6 * n + 1.0, 0.35 * len(df) + 1.6))
+    axes = np.atleast_1d(fig.subplots(1, n, sharey=True))
+    names = [str(i) for i in df.index]
+    ypos = np.arange(len(names))
+    for ax, m in zip(axes, present):
+        vals = pd.to_numeric(df[m], errors="coerce").to_numpy(float)
+        std_col = m[: -len("_mean")] + "_std" if m.endswith("_mean") else f"{m}_std"
+        err = pd.to_numeric(df[std_col], errors="coerce").to_numpy(float) if std_col in df.columns else None
+        colors = ["tab:orange" if name == highlight else "tab:blue" for name in names]
+        ax.barh(ypos, vals, xerr=err, color=colors, capsize=3)
+        for yv, v in zip(ypos, vals):
+            if np.isfinite(v):
+                ax.text(v, yv, f" {v:.3f}", va="center", fontsize=7)
+        if m.startswith("auc") or m == "success_rate_area":
+            ax.axvline(0.5, color="grey", ls="--", lw=1)
+            ax.set_xlim(0, 1.1)
+        ax.set_title(m, fontsize=9)
+        ax.set_yticks(ypos, names, fontsize=8)
+        ax.invert_yaxis()
+    if title:
+        fig.suptitle(title)
+    return fig
