@@ -547,9 +547,15 @@ def _grf(rng: np.random.Generator, shape, scale_px: float) -> np.ndarray:
 
     H, W = shape
     f = max(1, int(scale_px // 3))
-    coarse = rng.standard_normal((H // f + 3, W // f + 3), dtype="float32")
-    coarse = ndimage.gaussian_filter(coarse, scale_px / f, mode="wrap")
-    coarse /= coarse.std() + 1e-12
+    sigma = scale_px / f
+    pad = int(4 * sigma + 0.5)  # the filter's radius: no wrap-around on grids smaller than the scale
+    coarse = rng.standard_normal((H // f + 3 + 2 * pad, W // f + 3 + 2 * pad), dtype="float32")
+    coarse = ndimage.gaussian_filter(coarse, sigma)[pad:-pad, pad:-pad]
+    # Divide by the filter's theoretical std, not the sample std: over a grid smaller than the
+    # correlation length the field should look like a gentle trend with a random offset.
+    delta = np.zeros(2 * pad + 1)
+    delta[pad] = 1.0
+    coarse /= np.float32(np.sum(ndimage.gaussian_filter1d(delta, sigma) ** 2))
     if f == 1:
         return np.ascontiguousarray(coarse[:H, :W])
     return _upsample(coarse, f, H, W)
@@ -605,7 +611,7 @@ def _magnetic(geo: _Geology, seed: int) -> np.ndarray:
     src += lut[geo.litho_codes]
     field = ndimage.gaussian_filter(src, 2.0)
     field += 25 * _grf(rng, g.shape, 20)
-    field += _regional(g, rng, (4, 10), 0.0)
+    field += _regional(g, rng, (4, 10), cap=150, wavy=40, base=0.0)
     field += 3 * rng.standard_normal(g.shape, dtype="float32")
     town = geo.stamps["town"]  # cultural noise: the smelter's steel
     ones = np.ones(len(town.cols))
@@ -622,18 +628,28 @@ def _gravity(geo: _Geology, seed: int) -> np.ndarray:
     lut = np.array([0, 9, 4, 2.5, 0, -5], "float32")
     field = ndimage.gaussian_filter(lut[geo.litho_codes], 4.0)
     field += 0.6 * _grf(rng, g.shape, 40)
-    field += _regional(g, rng, (0.4, 0.9), -135.0)
+    field += _regional(g, rng, (0.4, 0.9), cap=15, wavy=4, base=-135.0)
     field += 0.05 * rng.standard_normal(g.shape, dtype="float32")
     return field
 
 
-def _regional(g: _Grid, rng, per_km: tuple[float, float], base: float) -> np.ndarray:
-    """A planar regional trend of ``per_km`` units per km in a random direction; (H, W) float32."""
-    grad = rng.uniform(*per_km) * g.resolution / 1000.0
+def _regional(
+    g: _Grid, rng, per_km: tuple[float, float], *, cap: float, wavy: float, base: float
+) -> np.ndarray:
+    """Regional field: a planar trend of ``per_km`` units per km (at most ``cap`` across the grid) in a
+    random direction, plus long-wavelength undulation of std ``wavy``; (H, W) float32.
+
+    The cap keeps a 400 km province's trend from swamping its anomalies, as a linear trend would.
+    """
+    grad = min(rng.uniform(*per_km) * g.resolution / 1000.0, cap / g.size)
     a = rng.uniform(0, 2 * np.pi)
     px = (np.arange(g.size, dtype="float32") - g.size / 2) * np.float32(grad * np.cos(a))
     py = (g.size / 2 - np.arange(g.size, dtype="float32")) * np.float32(grad * np.sin(a))
-    return np.float32(base) + py[:, None] + px[None, :]
+    field = np.float32(wavy) * _grf(rng, g.shape, 150)
+    field += py[:, None]
+    field += px[None, :]
+    field += np.float32(base)
+    return field
 
 
 def _sample_sites(g: _Grid, seed: int) -> tuple[np.ndarray, np.ndarray]:
