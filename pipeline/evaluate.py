@@ -28,8 +28,10 @@ import math
 import os
 import uuid
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -263,8 +265,25 @@ def deposit_cells(score: xr.DataArray, deposits) -> DepositCells:
     )
 
 
-def _split(score: xr.DataArray, deposits):
-    """(positive scores [P], negative scores [N], valid mask [H, W], deposit mask [H, W], cells)."""
+class _Split(NamedTuple):
+    pos: np.ndarray  # [P] scores of deposit cells
+    neg: np.ndarray  # [N] scores of the other valid cells
+    valid: np.ndarray  # [H, W] bool
+    dep: np.ndarray  # [H, W] bool, deposit cells
+    cells: DepositCells
+    values: np.ndarray  # [H, W] float64
+    xy: np.ndarray  # [D, 2] deposits in the map's CRS
+
+
+# evaluate_map computes the split once and shares it between the metrics (keyed by object ids).
+_SPLIT_CACHE: ContextVar[dict | None] = ContextVar("_SPLIT_CACHE", default=None)
+
+
+def _split(score: xr.DataArray, deposits) -> _Split:
+    cache = _SPLIT_CACHE.get()
+    key = (id(score), id(deposits))
+    if cache is not None and key in cache:
+        return cache[key]
     values = _values(score)
     cells = deposit_cells(score, deposits)
     valid = np.isfinite(values)
@@ -274,7 +293,22 @@ def _split(score: xr.DataArray, deposits):
     neg = values[valid & ~dep]
     if neg.size == 0:
         raise EvaluationError("every valid cell holds a deposit: there are no negatives to compare against")
-    return pos, neg, valid, dep, cells
+    out = _Split(pos, neg, valid, dep, cells, values, _deposit_xy(score, deposits))
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def _sorted_valid(sp: _Split) -> np.ndarray:
+    """Sorted scores of every valid cell [N + P] (shared by the curve metrics in evaluate_map)."""
+    cache = _SPLIT_CACHE.get()
+    key = ("sorted", id(sp.values))
+    if cache is not None and key in cache:
+        return cache[key]
+    out = np.sort(sp.values[sp.valid])
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,9 +363,7 @@ def roc_auc_buffered(
     """
     from sklearn.metrics import roc_auc_score
 
-    pos, _, valid, dep, _ = _split(score, deposits)
-    values = _values(score)
-    xy = _deposit_xy(score, deposits)
+    pos, _, valid, dep, _, values, xy = _split(score, deposits)
     dist = _distance_to_deposits(score, xy, valid)
     pool = values[valid][(dist > buffer) & ~dep[valid]]
     if pool.size == 0:
@@ -360,8 +392,8 @@ def success_rate_curve(score: xr.DataArray, deposits) -> tuple[np.ndarray, np.nd
     to (1, 1). The area under it equals P(random valid cell scores below a deposit cell) + half the
     ties: 0.5 for a random map, ``1 - P / (2 N)`` for deposits on the top ``P`` of ``N`` cells.
     """
-    pos, neg, *_ = _split(score, deposits)
-    allv = np.sort(np.r_[pos, neg])
+    sp = _split(score, deposits)
+    pos, allv = sp.pos, _sorted_valid(sp)
     n = allv.size
     thr = np.unique(pos)[::-1]  # decreasing
     pos_sorted = np.sort(pos)
@@ -409,8 +441,8 @@ def prediction_area(score: xr.DataArray, deposits, n_thresholds: int = 1001) -> 
     between the two thresholds where ``P + A - 1`` changes sign. Normalised density = P / A there
     (> 1: the map concentrates deposits in less area than their share).
     """
-    pos, neg, *_ = _split(score, deposits)
-    allv = np.sort(np.r_[pos, neg])
+    sp = _split(score, deposits)
+    pos, allv = sp.pos, _sorted_valid(sp)
     n = allv.size
     idx = np.unique(np.linspace(0, n - 1, n_thresholds).round().astype(np.int64))
     thr = np.unique(np.r_[allv[idx], pos])
@@ -445,8 +477,8 @@ def random_placement_test(score: xr.DataArray, deposits, n: int = 999, seed: int
     in the valid area. Returns ``{"statistic", "null_mean", "null_std", "p_value"}`` with
     ``p = (1 + #{null >= observed}) / (n + 1)``.
     """
-    pos, neg, *_ = _split(score, deposits)
-    allv = np.sort(np.r_[pos, neg])
+    sp = _split(score, deposits)
+    pos, allv = sp.pos, _sorted_valid(sp)
     total = allv.size
 
     def pct(v):
@@ -558,7 +590,16 @@ def evaluate_map(score: xr.DataArray, deposits, cfg=None, *, n_permutations: int
 
         cfg = EvaluateConfig()
     score = score.load() if hasattr(score.data, "dask") else score
-    cells = deposit_cells(score, deposits)
+    token = _SPLIT_CACHE.set({})
+    try:
+        return _evaluate_map(score, deposits, cfg, n_permutations)
+    finally:
+        _SPLIT_CACHE.reset(token)
+
+
+def _evaluate_map(score, deposits, cfg, n_permutations) -> dict:
+    split = _split(score, deposits)
+    cells = split.cells
     if cfg.buffer is None:
         rx, ry = score.rio.resolution(recalc=True)
         buffer = float(math.hypot(rx, ry))
@@ -582,7 +623,7 @@ def evaluate_map(score: xr.DataArray, deposits, cfg=None, *, n_permutations: int
         "n_deposits": int(cells.n_deposits),
         "n_deposits_used": int(cells.n_deposits - cells.n_outside - cells.n_invalid),
         "n_deposit_cells": int(cells.n_used),
-        "n_valid_cells": int(np.isfinite(_values(score)).sum()),
+        "n_valid_cells": int(split.valid.sum()),
     }
 
 
