@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import dask
 import distributed
 
 from .config import ClusterConfig, RunConfig
@@ -70,11 +71,9 @@ def _free_port() -> int:
 def _rank_task(cube, cfg_json: dict, base_dir: str, out: str, rank: int, world: int, host: str | None,
                port: int | None, topic: str, log_every: int, threads: int) -> dict:
     """Runs on a Dask worker: one rank of the training (process group set up around the plain loop)."""
-    import datetime
-
     import torch
 
-    from .train import resolve_device, run_training
+    from .train import run_training
 
     cfg = RunConfig.from_dict(cfg_json, base_dir=base_dir)
     worker = distributed.get_worker()
@@ -83,9 +82,19 @@ def _rank_task(cube, cfg_json: dict, base_dir: str, out: str, rank: int, world: 
     def report(event: dict) -> None:
         worker.log_event(topic, {**event, "worker": worker.address})
 
-    if world == 1:
-        return run_training(cube, cfg, out, ranks=[0], report=report, log_every=log_every)
+    # Reads inside the task use local threads, never this cluster: its worker threads are busy training.
+    with dask.config.set(scheduler="threads"):
+        if world == 1:
+            return run_training(cube, cfg, out, ranks=[0], report=report, log_every=log_every)
+        return _ddp_rank(cube, cfg, out, rank, world, host, port, report, log_every)
+
+
+def _ddp_rank(cube, cfg: RunConfig, out: str, rank: int, world: int, host, port, report, log_every: int) -> dict:
+    import datetime
+
     import torch.distributed as dist
+
+    from .train import resolve_device, run_training
 
     backend = "nccl" if resolve_device(cfg.train.device, rank).type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,

@@ -80,6 +80,18 @@ def _integral(valid: np.ndarray) -> np.ndarray:
     return s
 
 
+def _chunk_size(evidence: xr.DataArray) -> int:
+    """Region core default: the cube's chunk side (dask chunks, else the store's chunks, else 512)."""
+    if evidence.chunks is not None:
+        return int(max(evidence.chunks[1][0], evidence.chunks[2][0]))
+    enc = evidence.encoding.get("chunks") or evidence.encoding.get("preferred_chunks")
+    if isinstance(enc, dict):
+        enc = [enc.get(d) for d in evidence.dims]
+    if enc and len(enc) == 3 and all(enc[1:]):
+        return int(max(enc[1], enc[2]))
+    return 512
+
+
 class WindowFeed:
     """Batches of training windows for one rank: iterate ``(x [B, C, w, w] float32, valid [B, w, w] bool)``.
 
@@ -134,10 +146,11 @@ class WindowFeed:
         z = normalised(ds)
         z = z.drop_vars(list(z.coords)).assign_coords(y=np.arange(z.sizes["y"]), x=np.arange(z.sizes["x"]))
         self._z = z
-        self._valid = np.asarray(ds["valid"].values, dtype=bool)  # [H, W]; 1/(4C) of the evidence in bytes
+        valid = ds["valid"].data
+        valid = valid.compute(scheduler=scheduler) if hasattr(valid, "compute") else valid
+        self._valid = np.asarray(valid, dtype=bool)  # [H, W]; 1/(4C) of the evidence in bytes
         h, w = self._valid.shape
-        chunks = ds["evidence"].chunks
-        chunk = region_size or (max(chunks[1][0], chunks[2][0]) if chunks is not None else 512)
+        chunk = region_size or _chunk_size(ds["evidence"])
 
         integ = _integral(self._valid)
         need = int(np.ceil(self.min_valid_fraction * self.window**2 - 1e-9))
@@ -223,7 +236,10 @@ class WindowFeed:
                 raise RuntimeError(f"xbatcher region {reg.index} starts at {(int(lazy['y'][0]), int(lazy['x'][0]))}, planned {(reg.y0, reg.x0)}")
         else:
             lazy = self._z.isel(y=slice(reg.y0, reg.y0 + reg.ny), x=slice(reg.x0, reg.x0 + reg.nx))
-        arr = np.ascontiguousarray(lazy.data.compute(scheduler=self.scheduler), dtype=np.float32)
+        data = lazy.data
+        if hasattr(data, "compute"):  # dask-backed: the region's single compute
+            data = data.compute(scheduler=self.scheduler)
+        arr = np.ascontiguousarray(data, dtype=np.float32)
         self.reads += 1
         self._cache[rid] = arr
         self._cached_bytes += arr.nbytes
