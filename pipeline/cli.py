@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .sinks import score_to_disk
+    from .score import score_to_disk
 
     cfg = _load(args.config)
     paths = score_to_disk(args.cube, args.model, cfg, args.out)

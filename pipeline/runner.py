@@ -11,6 +11,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Callable
 
 from .config import RunConfig
@@ -106,6 +108,91 @@ def quicklook_stage(cube_path: Path, out: Path, log=print) -> Path:
     return path
 
 
+def train_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
+    from .train import train
+
+    model = out / "model.pt"
+    run_stage(
+        "train", cfg, out, [model], ("model", "train"),
+        lambda: train(out / "cube.zarr", cfg, out, client=client),
+        force=force, log=log, upstream=("cube",),
+    )
+    return {"model": model}
+
+
+def score_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
+    from .score import score_to_disk
+
+    zpath, tif = out / "prospectivity.zarr", out / "prospectivity.tif"
+    run_stage(
+        "score", cfg, out, [zpath, tif], ("score",),
+        lambda: score_to_disk(out / "cube.zarr", out / "model.pt", cfg, out, client=client),
+        force=force, log=log, upstream=("cube", "train"),
+    )
+    return {"prospectivity_zarr": zpath, "prospectivity_tif": tif}
+
+
+def open_scores(path: Path):
+    """The prospectivity Dataset written by the score stage (lazy, with its CRS)."""
+    import warnings
+
+    import xarray as xr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(path, decode_coords="all", consolidated=False)
+
+
+def evaluate_scores(cfg: RunConfig, score, cube=None) -> dict:
+    """Metrics of one score map (y, x) against the config's deposits, with the config's protocol."""
+    from . import evaluate as ev
+
+    if cfg.deposits is None:
+        return {"note": "no deposits in the config: nothing to evaluate"}
+    deposits = ev.load_deposits(cfg.deposits, cfg.base_dir)
+    score = score.load()
+    if cfg.evaluate.protocol == "points":
+        from .ingest import read_points
+
+        layer = next(l for l in cfg.layers if l.kind == "points")
+        px, py, _ = read_points(layer, cfg, score.rio.crs)
+        import geopandas as gpd
+
+        samples = gpd.GeoDataFrame(geometry=gpd.points_from_xy(px, py), crs=score.rio.crs)
+        s = ev.sample_map_at_points(score, samples)
+        dep = deposits.to_crs(score.rio.crs)
+        res = ev.point_protocol_auc(
+            s, np.column_stack([px, py]), np.column_stack([dep.geometry.x, dep.geometry.y]),
+            min_dist_km=cfg.evaluate.min_dist_km, draws=cfg.evaluate.repeats, seed=cfg.evaluate.seed, return_all=True,
+        )
+        return {"protocol": "points", "auc": res["auc_mean"], "auc_std": res["auc_std"], "n_samples": int(len(s)),
+                "n_deposits": int(len(dep)), "n_eligible_negatives": res["n_eligible"], "fallback": res["fallback"]}
+    metrics = ev.evaluate_map(score, deposits, cfg.evaluate)
+    metrics["protocol"] = "raster"
+    return metrics
+
+
+def evaluate_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
+    from .evaluate import write_metrics
+
+    path = out / "metrics.json"
+
+    def go():
+        scores = open_scores(out / "prospectivity.zarr")
+        metrics = {"prospectivity": evaluate_scores(cfg, scores["prospectivity"])}
+        for name in scores.data_vars:
+            if name.startswith("anomaly_"):
+                metrics[name] = evaluate_scores(cfg, scores[name])
+        write_metrics(metrics, path)
+        m = metrics["prospectivity"]
+        if "auc" in m:
+            log(f"[evaluate] prospectivity ROC AUC = {m['auc']:.3f} ({m.get('protocol')} protocol)")
+
+    run_stage("evaluate", cfg, out, [path], ("deposits", "evaluate"), go, force=force, log=log,
+              upstream=("score",))
+    return {"metrics": path}
+
+
 ALL_STAGES = ("cube", "quicklook", "train", "score", "evaluate", "report")
 
 
@@ -142,11 +229,24 @@ def run_pipeline(
         outputs["cube"] = build_cube_stage(cfg, out, force=force, progress=progress, log=log)
     if "quicklook" in wanted:
         outputs["bands"] = quicklook_stage(cube_path, out, log=log)
-    for name in ("train", "score", "evaluate", "report"):
-        if name in wanted:
+    later = [n for n in ("train", "score", "evaluate", "report") if n in wanted]
+    client = None
+    if any(n in ("train", "score") for n in later) and cfg.cluster.kind != "none":
+        from .cluster import make_cluster
+
+        client = make_cluster(cfg.cluster)
+        log(f"[cluster] Dask dashboard: {client.dashboard_link}")
+    try:
+        for name in later:
             if name not in avail:
                 log(f"[{name}] not available in this install, skipped")
                 continue
-            outputs.update(globals()[f"{name}_stage"](cfg, out, force=force, log=log))
+            outputs.update(globals()[f"{name}_stage"](cfg, out, force=force, log=log, client=client))
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and cfg.cluster.kind == "local":
+                cluster.close()
     log("outputs: " + ", ".join(f"{k}={v}" for k, v in outputs.items()))
     return outputs
