@@ -20,7 +20,8 @@ W, S = 16, 8
 
 @pytest.fixture(scope="module")
 def cube(tmp_path_factory):
-    return open_cube(write_test_cube(tmp_path_factory.mktemp("cube") / "cube.zarr"))  # 64x64, chunks 32
+    # 64x64, chunks 16: regions of two chunks (32 px) plus a halo of 8 -> one full region, three tails
+    return open_cube(write_test_cube(tmp_path_factory.mktemp("cube") / "cube.zarr", chunk=16))
 
 
 class CountComputes(Callback):
