@@ -168,14 +168,14 @@ class _Stamps:
     amps: np.ndarray
     sigmas: np.ndarray
 
-    @classmethod
-    def empty(cls) -> "_Stamps":
-        z = np.zeros(0)
-        return cls(z, z, z, z)
-
 
 @dataclass
 class _Geology:
+    """Everything the fields are built from: vectors (map metres), truth rasters, anomaly centres.
+
+    Smoothed rock indicators and stamped anomalies are cached (``_cache``); clear it to free memory.
+    """
+
     grid: _Grid
     lithology: Any  # GeoDataFrame: ROCKTYPE polygons covering the grid
     faults: Any  # GeoDataFrame: LineStrings
@@ -214,9 +214,8 @@ class _Geology:
 def _lens(centre, a, b, angle, rng, n=48):
     """Irregular ellipse in the pixel frame: semi-axes a (along ``angle``) and b, [n, 2]."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    eps = rng.uniform(0, 0.08) * np.cos(3 * t + rng.uniform(0, 6.3)) + rng.uniform(0, 0.05) * np.cos(
-        5 * t + rng.uniform(0, 6.3)
-    )
+    e3, p3, e5, p5 = rng.uniform(0, 0.08), rng.uniform(0, 6.3), rng.uniform(0, 0.05), rng.uniform(0, 6.3)
+    eps = e3 * np.cos(3 * t + p3) + e5 * np.cos(5 * t + p5)
     xl, yl = a * np.cos(t) * (1 + eps), b * np.sin(t) * (1 + eps)
     s = np.array([np.sin(angle), np.cos(angle)])  # azimuth from north, clockwise
     nrm = np.array([np.cos(angle), -np.sin(angle)])
