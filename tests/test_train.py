@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -43,11 +42,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def cube_path(tmp_path_factory):
     return write_test_cube(tmp_path_factory.mktemp("cube") / "cube.zarr")
-
-
-def params(path):
-    model, meta = load_checkpoint(path)
-    return model, meta
 
 
 def eval_loss(model, cube_path):
