@@ -8,7 +8,7 @@ never ``plt.show``): save it with ``fig.savefig(path)``. Large rasters are decim
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor used by cube.normalised)
