@@ -976,7 +976,8 @@ def _config_yaml(g: _Grid, seed: int, chunk: int, paths: dict[str, Path], root: 
         "deposits": {"path": rel["deposits"], "x": "X", "y": "Y", "crs": GEOGRAPHIC_CRS,
                      "query": "type == 'chromite'"},
         "model": {"window": 16, "patch": 4, "dim": 64, "depth": 2, "heads": 4, "mask_ratio": 0.5},
-        "train": {"epochs": 3, "batch_size": 64, "seed": int(seed)},
+        # stride 4 gives ~2,000 training windows at 192 px (and enough for a batch at 64 px)
+        "train": {"epochs": 3, "batch_size": 64, "seed": int(seed), "train_stride": 4},
         "score": {"stride": 8},
         "evaluate": {"buffer": num(10 * res)},
     }
