@@ -27,6 +27,15 @@ def _load(config: str):
     return RunConfig.from_yaml(config)
 
 
+def _with_cluster(cfg, args):
+    """``--cluster PROFILE`` replaces the config's ``cluster`` section (see deploy/profiles/)."""
+    if not getattr(args, "cluster", None):
+        return cfg
+    from .cluster import cluster_settings
+
+    return cfg.with_updates(cluster=cluster_settings(args.cluster, cfg.cluster))
+
+
 def cmd_cube(args) -> int:
     from .runner import build_cube_stage
 
@@ -55,6 +64,7 @@ def cmd_demo(args) -> int:
     cfg = _load(str(prov.config_path))
     if args.epochs is not None:
         cfg = cfg.with_updates(train={"epochs": args.epochs})
+    cfg = _with_cluster(cfg, args)
     run_pipeline(cfg, out, force=args.force, stages=args.stages, progress=not args.quiet)
     return 0
 
@@ -62,7 +72,7 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from .runner import run_pipeline
 
-    cfg = _load(args.config)
+    cfg = _with_cluster(_load(args.config), args)
     run_pipeline(cfg, Path(args.out), force=args.force, stages=args.stages, progress=not args.quiet)
     return 0
 
@@ -101,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_cube)
 
     stages_help = "comma-separated stages to run (default: all): cube,quicklook,train,score,evaluate,report"
+    cluster_help = ("where train/score run, replacing the config's cluster section: 'local', 'none', a scheduler "
+                    "address (tcp://host:8786) or a cluster profile YAML (deploy/profiles/*.yaml)")
     sp = sub.add_parser("run", help="run every stage of a config")
     common(sp)
     sp.add_argument("--stages", default=None, help=stages_help)
+    sp.add_argument("--cluster", default=None, metavar="PROFILE", help=cluster_help)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("demo", help="every stage on the embedded synthetic province (no input files)")
@@ -112,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     sp.add_argument("--stages", default=None, help=stages_help)
+    sp.add_argument("--cluster", default=None, metavar="PROFILE", help=cluster_help)
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("synth", help="write the synthetic province's input files and run config")

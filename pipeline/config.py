@@ -225,13 +225,24 @@ class ScoreConfig(_Frozen):
 
 
 class ClusterConfig(_Frozen):
+    """Where train and score run (see deploy/README.md and deploy/profiles/)."""
+
     kind: Literal["local", "address", "jobqueue", "gateway", "kubernetes", "none"] = "local"
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "4GiB"
     address: str | None = None
     gpus_per_worker: int = Field(0, ge=0)
-    profile: Path | None = None
+    profile: Path | None = Field(None, description="A cluster profile YAML (deploy/profiles/) whose keys replace these.")
+    jobqueue: dict[str, Any] = Field(
+        default_factory=dict, description="kind 'jobqueue': system (slurm|pbs) and dask-jobqueue cluster arguments."
+    )
+    gateway: dict[str, Any] = Field(
+        default_factory=dict, description="kind 'gateway': address, auth and cluster options of a Dask Gateway."
+    )
+    kubernetes: dict[str, Any] = Field(
+        default_factory=dict, description="kind 'kubernetes': image, namespace, resources of a dask-kubernetes KubeCluster."
+    )
 
 
 class EvaluateConfig(_Frozen):
