@@ -233,7 +233,7 @@ class ClusterConfig(_Frozen):
     memory_limit: str = "4GiB"
     address: str | None = None
     gpus_per_worker: int = Field(0, ge=0)
-    profile: Path | None = Field(None, description="A cluster profile YAML (deploy/profiles/) whose keys replace these.")
+    profile: Path | None = Field(None, description="A cluster profile YAML (deploy/profiles/); keys set beside it override its own.")
     jobqueue: dict[str, Any] = Field(
         default_factory=dict, description="kind 'jobqueue': system (slurm|pbs) and dask-jobqueue cluster arguments."
     )
