@@ -239,67 +239,78 @@ def _numeric(series: pd.Series, layer: LayerConfig, column: str) -> np.ndarray:
 
 
 def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_distance=None) -> np.ndarray:
-    """Inverse-distance weighting of samples (px, py, values [N]) at grid points (xs [W], ys [H]) -> [H, W].
+    """Inverse-distance weighting of samples at grid points (xs [W], ys [H]).
 
-    A pixel centre that coincides with a sample takes its value exactly; pixels with no sample within
-    ``radius`` (or farther than ``max_distance`` from the nearest sample) are NaN.
+    ``values`` is [N] (returns [H, W]) or [N, M] for M value columns sharing the sample locations
+    (returns [M, H, W]); NaN values are left out of their column's average, so every column uses the
+    samples among the ``k`` nearest that have a value. A pixel centre that coincides with a sample takes
+    its value exactly; pixels with no sample within ``radius`` (or farther than ``max_distance`` from the
+    nearest sample) are NaN.
     """
     from scipy.spatial import cKDTree
 
+    values = np.asarray(values, dtype="float64")
+    single = values.ndim == 1
+    vals2 = values[:, None] if single else values
     gx, gy = np.meshgrid(xs, ys)
-    out = np.full(gx.shape, np.nan, dtype="float64")
-    if len(values) == 0:
-        return out.astype("float32")
+    m = vals2.shape[1]
+    if len(vals2) == 0:
+        out = np.full((m, *gx.shape), np.nan, dtype="float32")
+        return out[0] if single else out
     tree = cKDTree(np.column_stack([px, py]))
-    k = min(k, len(values))
+    k = min(k, len(vals2))
     ub = radius if radius is not None else np.inf
     d, idx = tree.query(np.column_stack([gx.ravel(), gy.ravel()]), k=k, distance_upper_bound=ub)
     d = d.reshape(-1, k)
     idx = idx.reshape(-1, k)
     found = np.isfinite(d)
-    safe_idx = np.where(found, idx, 0)
-    v = values[safe_idx]
-    exact = found & (d == 0)
-    d_safe = np.where(found & ~exact, d, 1.0)  # exact hits are handled below
-    w = np.where(found & ~exact, 1.0 / d_safe**power, 0.0)
+    v = vals2[np.where(found, idx, 0)]  # [P, k, M]
+    has = found[..., None] & np.isfinite(v)
+    exact = has & (d[..., None] == 0)
+    d_safe = np.where(found & (d > 0), d, 1.0)
+    w = np.where(has & ~exact, (1.0 / d_safe**power)[..., None], 0.0)
+    v0 = np.where(has, v, 0.0)
     wsum = w.sum(axis=1)
-    res = np.where(wsum > 0, (w * v).sum(axis=1) / np.where(wsum > 0, wsum, 1), np.nan)
+    res = np.where(wsum > 0, (w * v0).sum(axis=1) / np.where(wsum > 0, wsum, 1), np.nan)  # [P, M]
     has_exact = exact.any(axis=1)
     if has_exact.any():
-        res[has_exact] = v[has_exact, np.argmax(exact[has_exact], axis=1)]
+        first = np.argmax(exact, axis=1)  # [P, M]
+        hit = np.take_along_axis(v0, first[:, None, :], axis=1)[:, 0, :]
+        res = np.where(has_exact, hit, res)
     lim = max_distance if max_distance is not None else radius
     if lim is not None:
         res[~(d[:, 0] <= lim)] = np.nan
-    return res.reshape(gx.shape).astype("float32")
+    out = res.T.reshape(m, *gx.shape).astype("float32")
+    return out[0] if single else out
 
 
 def _idw_map_block(block, px, py, values, x, y, power, k, radius, max_distance, block_info=None):
-    (r0, r1), (c0, c1) = block_info[0]["array-location"]
-    return idw_block(px, py, values, x[c0:c1], y[r0:r1], power=power, k=k, radius=radius, max_distance=max_distance)
+    (r0, r1), (c0, c1) = block_info[None]["array-location"][-2:]
+    xs, ys = x[c0:c1], y[r0:r1]
+    if radius is not None:
+        # only samples that can reach this block take part: a much smaller tree per block
+        near = (px >= xs.min() - radius) & (px <= xs.max() + radius) & (py >= ys.min() - radius) & (py <= ys.max() + radius)
+        px, py, values = px[near], py[near], values[near]
+    return idw_block(px, py, values, xs, ys, power=power, k=k, radius=radius, max_distance=max_distance)
 
 
 def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
     px, py, vals = read_points(layer, cfg, geobox.crs)
-    ext = geobox.extent.boundingbox
     check_overlap(layer.name, BoundingBox(px.min(), py.min(), px.max() + 1e-9, py.max() + 1e-9, crs=geobox.crs), geobox)
     vals = _transform_samples(vals, layer)
+    for col in layer.columns:
+        if not np.isfinite(vals[col].to_numpy(dtype="float64")).any():
+            raise LayerError(f"{layer.name}.{col}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
     x, y = geobox_coords(geobox)
-    template = dsa.zeros(tuple(geobox.shape), chunks=chunk, dtype="float32")
+    m = len(layer.columns)
     it = layer.interpolation
     k = 1 if it.method == "nearest" else it.k
-    bands = []
-    for col in layer.columns:
-        v = vals[col].to_numpy(dtype="float64")
-        good = np.isfinite(v)
-        if not good.any():
-            raise LayerError(f"{layer.name}.{col}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
-        arr = dsa.map_blocks(
-            _idw_map_block, template, px[good], py[good], v[good], x, y, it.power, k, it.radius, it.max_distance,
-            dtype="float32",
-        )
-        bands.append(_grid_da(arr, geobox))
-    del ext
-    return bands
+    v = vals[list(layer.columns)].to_numpy(dtype="float64")
+    # one KD-tree query per block serves every column
+    template = dsa.zeros((m, *tuple(geobox.shape)), chunks=(m, chunk, chunk), dtype="float32")
+    arr = dsa.map_blocks(_idw_map_block, template, px, py, v, x, y, it.power, k, it.radius, it.max_distance,
+                         dtype="float32")
+    return [_grid_da(arr[i], geobox) for i in range(m)]
 
 
 def _transform_samples(vals: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:

@@ -131,3 +131,18 @@ def test_bounds_default_to_union_of_layers(tmp_path):
     gb = target_geobox(cfg)
     b = gb.extent.boundingbox
     assert (b.left, b.top, b.right, b.bottom) == pytest.approx((X0, Y0, X0 + 1400, Y0 - 1000))
+
+
+def test_idw_columns_share_the_tree_and_skip_missing_values():
+    px = np.array([0.0, 100.0, 200.0])
+    py = np.zeros(3)
+    vals = np.array([[1.0, 10.0], [np.nan, 20.0], [3.0, 30.0]])
+    grid = idw_block(px, py, vals, np.array([0.0, 100.0, 150.0]), np.zeros(1), k=3)
+    assert grid.shape == (2, 1, 3)
+    # at the middle sample column 0 has no value: equal-distance neighbours average to 2
+    assert grid[0, 0, 1] == pytest.approx(2.0)
+    assert grid[1, 0, 1] == pytest.approx(20.0)
+    assert grid[0, 0, 0] == pytest.approx(1.0) and grid[1, 0, 0] == pytest.approx(10.0)
+    # the single-column result is the same as the column of the multi-column one
+    single = idw_block(px, py, vals[:, 1], np.array([0.0, 100.0, 150.0]), np.zeros(1), k=3)
+    np.testing.assert_allclose(single, grid[1])
