@@ -180,8 +180,10 @@ def write_zarr_resumable(
 
     names = lazy
     vdims = [ds[n].dims for n in names]
-    # One Delayed per block, sharing one optimised graph (never one graph per region).
-    blocks = {n: ds[n].data.to_delayed() for n in names}
+    # One Delayed per block. optimize_graph=False keeps the keys the variables share (e.g. one scoring
+    # task feeding prospectivity, anomalies and contribution): optimising each variable's graph apart
+    # would fuse and rename them, and the shared task would run once per variable.
+    blocks = {n: ds[n].data.to_delayed(optimize_graph=False) for n in names}
     chunk_index = {d: np.cumsum((0, *ds.chunks[d])).tolist() for d in dims}
 
     todo = []
