@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.cluster import (
     PROFILE_DIR,

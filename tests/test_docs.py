@@ -33,10 +33,8 @@ def test_every_config_key_is_documented():
                 assert re.search(rf"^\| `{name}` \|", text, re.M), f"{key}.{name} missing"
     for model_name, field in NOTES:  # a note for a renamed or removed key would document nothing
         assert field in getattr(C, model_name).model_fields, (model_name, field)
-    models = {m for _, m in SECTIONS}
-    nested = {f.annotation for m in models for f in m.model_fields.values()}
+    models = {m for _, m in SECTIONS}  # a new config model must get a section in the reference
     assert all(m in models for m in vars(C).values() if isinstance(m, type) and issubclass(m, C._Frozen) and m is not C._Frozen)
-    assert nested  # sanity
 
 
 def test_every_cli_option_is_documented():
