@@ -9,7 +9,7 @@ OUT ?= out/demo
 $(BIN)/mpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,cluster]'
 	touch $(BIN)/mpm
 
 install: $(BIN)/mpm

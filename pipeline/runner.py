@@ -246,7 +246,7 @@ def run_pipeline(
         if client is not None:
             cluster = getattr(client, "cluster", None)
             client.close()
-            if cluster is not None and cfg.cluster.kind == "local":
+            if cluster is not None:  # a cluster we started (local, jobqueue, gateway, kubernetes)
                 cluster.close()
     log("outputs: " + ", ".join(f"{k}={v}" for k, v in outputs.items()))
     return outputs
