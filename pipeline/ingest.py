@@ -108,14 +108,52 @@ def _grid_da(arr: dsa.Array, geobox: GeoBox) -> xr.DataArray:
     return xr.DataArray(arr, dims=("y", "x"), coords={"y": y, "x": x})
 
 
-def _distance_grid(geoms, geobox: GeoBox) -> np.ndarray:
-    from scipy.ndimage import distance_transform_edt
+def _feature_pixels(geoms, geobox: GeoBox) -> np.ndarray:
+    """Centres (x, y) [P, 2] of the pixels the features touch; for areas, only their edge pixels.
+
+    The nearest touched pixel to any pixel outside an area lies on its edge, so edge pixels give the
+    same distances as all of them, with far fewer points.
+    """
+    from scipy.ndimage import binary_erosion
 
     hit = _rasterize(geoms, geobox, all_touched=True)
-    if not hit.any():
-        return np.full(tuple(geobox.shape), np.nan, dtype="float32")
-    sampling = (abs(geobox.transform.e), abs(geobox.transform.a))
-    return distance_transform_edt(~hit, sampling=sampling).astype("float32")
+    edge = hit & ~binary_erosion(hit, border_value=0)
+    rows, cols = np.nonzero(edge)
+    t = geobox.transform
+    return np.column_stack([t.c + t.a * (cols + 0.5), t.f + t.e * (rows + 0.5)])
+
+
+def _distance_block(block, pts, inside_geoms, geobox: GeoBox, block_info=None) -> np.ndarray:
+    """Distance from each pixel centre of one block to the nearest feature pixel centre (CRS units)."""
+    from scipy.spatial import cKDTree
+
+    (r0, r1), (c0, c1) = block_info[None]["array-location"]
+    if len(pts) == 0:
+        return np.full((r1 - r0, c1 - c0), np.nan, dtype="float32")
+    t = geobox.transform
+    xs = t.c + t.a * (np.arange(c0, c1) + 0.5)
+    ys = t.f + t.e * (np.arange(r0, r1) + 0.5)
+    gx, gy = np.meshgrid(xs, ys)
+    d, _ = _tree_cache(pts, cKDTree).query(np.column_stack([gx.ravel(), gy.ravel()]), k=1)
+    d = d.reshape(gx.shape).astype("float32")
+    if inside_geoms is not None:
+        sub = geobox[r0:r1, c0:c1]
+        d[_rasterize(inside_geoms, sub, all_touched=True)] = 0.0
+    return d
+
+
+_TREES: dict = {}
+
+
+def _tree_cache(pts: np.ndarray, cls):
+    """One KD-tree per point set per process (blocks of one band share it)."""
+    key = (id(pts), pts.shape)
+    tree = _TREES.get(key)
+    if tree is None or tree.n != len(pts):
+        if len(_TREES) > 8:
+            _TREES.clear()
+        tree = _TREES[key] = cls(pts)
+    return tree
 
 
 def _vector_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
@@ -128,8 +166,13 @@ def _vector_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int
     check_overlap(layer.name, BoundingBox(*b, crs=geobox.crs), geobox)
     shape = tuple(geobox.shape)
     if layer.kind == "distance":
-        arr = dsa.from_delayed(dask.delayed(_distance_grid)(list(gdf.geometry), geobox), shape=shape, dtype="float32")
-        return [_grid_da(arr.rechunk(chunk), geobox)]
+        # exact distance to the nearest touched pixel, computed block by block from a KD-tree of the
+        # feature pixels: no full-grid distance transform in memory
+        pts = _feature_pixels(list(gdf.geometry), geobox)
+        areas = [g for g in gdf.geometry if g.geom_type in ("Polygon", "MultiPolygon")]
+        template = dsa.zeros(shape, chunks=chunk, dtype="float32")
+        arr = dsa.map_blocks(_distance_block, template, pts, areas or None, geobox, dtype="float32")
+        return [_grid_da(arr, geobox)]
     polys = gdf[gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
     if polys.empty:
         raise LayerError(layer.name, f"kind {layer.kind!r} needs polygons, {str(path)!r} has {sorted(set(gdf.geom_type))}", "use kind 'distance' for lines or points")
@@ -259,8 +302,19 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
         return out[0] if single else out
     tree = cKDTree(np.column_stack([px, py]))
     k = min(k, len(vals2))
+    q = np.column_stack([gx.ravel(), gy.ravel()])
+    res = np.empty((len(q), m), dtype="float64")
+    # pixels in batches: the [pixels, k, columns] temporaries stay a few MB whatever the block size
+    step = max(1, 2_000_000 // (k * m))
+    for i in range(0, len(q), step):
+        res[i : i + step] = _idw_batch(tree, vals2, q[i : i + step], k, power, radius, max_distance)
+    out = res.T.reshape(m, *gx.shape).astype("float32")
+    return out[0] if single else out
+
+
+def _idw_batch(tree, vals2, q, k, power, radius, max_distance) -> np.ndarray:
     ub = radius if radius is not None else np.inf
-    d, idx = tree.query(np.column_stack([gx.ravel(), gy.ravel()]), k=k, distance_upper_bound=ub)
+    d, idx = tree.query(q, k=k, distance_upper_bound=ub)
     d = d.reshape(-1, k)
     idx = idx.reshape(-1, k)
     found = np.isfinite(d)
@@ -280,8 +334,7 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
     lim = max_distance if max_distance is not None else radius
     if lim is not None:
         res[~(d[:, 0] <= lim)] = np.nan
-    out = res.T.reshape(m, *gx.shape).astype("float32")
-    return out[0] if single else out
+    return res
 
 
 def _idw_map_block(block, px, py, values, x, y, power, k, radius, max_distance, block_info=None):
