@@ -103,7 +103,7 @@ pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.6rem;overflow-x:auto;fo
 .kpi{display:flex;gap:1.5rem;flex-wrap:wrap}
 .kpi div{background:#f4f7fb;border:1px solid #dce4ef;border-radius:4px;padding:.4rem .8rem}
 .kpi b{display:block;font-size:1.3rem}
-.note{color:#8a6d3b}
+.note{color:#8a6d3b} .tw{overflow-x:auto;max-width:100%}
 """
 
 
@@ -150,7 +150,7 @@ def _table(rows: list[dict], columns: list[str] | None = None, left: tuple[str, 
         "<tr>" + "".join(f"<td class='{'l' if c in left else ''}'>{_e(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
         for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -314,7 +314,7 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
                  "Higher = the evidence fits the learned regional background worse. Triangles: known deposits "
                  "(evaluation only, never used in training).")]
     for g in groups:
-        figs.append(_fig(plot_map(scores[g].load(), deposits, title=g.replace("_", " "), cmap="viridis",
+        figs.append(_fig(plot_map(scores[g], deposits, title=g.replace("_", " "), cmap="viridis",
                                   label="reconstruction error", figsize=(5.2, 4.4)), f"{g} map"))
     sections.append("<h2>Prospectivity and anomaly maps</h2><div class='figs'>" + "".join(figs) + "</div>")
 
@@ -323,11 +323,11 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
     if rel_zarr.exists():
         rel = open_scores(rel_zarr)
         rel_sum = _read_json(rel_json) or {}
-        body = [_fig(plot_map(rel["std"].load(), deposits, title="Uncertainty: std of the percentile rank over runs",
+        body = [_fig(plot_map(rel["std"], deposits, title="Uncertainty: std of the percentile rank over runs",
                               cmap="cividis", label="std of percentile rank", stretch=(1.0, 99.0)),
                      "uncertainty map", f"Runs with seeds {rel_sum.get('seeds', '?')}; a pixel's percentile rank "
                      "within the valid area varies by this much between runs."),
-                _fig(plot_map(rel["mean"].load(), deposits, title="Mean percentile rank over runs",
+                _fig(plot_map(rel["mean"], deposits, title="Mean percentile rank over runs",
                               label="mean percentile rank", stretch=None), "mean map")]
         txt = ""
         if rel_sum:
