@@ -202,7 +202,8 @@ def vit_run(
 
     Returns ``(prospectivity [y, x] in memory with the cube's CRS, wall seconds of train + score,
     run folder)``. The run folder ``runs_dir/vit-<key>`` holds ``model.pt``, ``prospectivity.zarr``
-    and ``run.json``; a call with the same settings and cube loads them instead of retraining.
+    and ``run.json``; a call with the same settings and cube loads them instead of retraining, and an
+    interrupted run resumes from its ``checkpoint.pt``. Delete ``runs_dir`` to retrain from scratch.
     ``client``: train and score on that Dask cluster (None = in this process).
     """
     from .cube import open_cube
@@ -221,8 +222,8 @@ def vit_run(
         info = json.loads(info_path.read_text())
         score = _open_zarr(zpath)["prospectivity"].load()
         return score.rio.write_crs(score.rio.crs), float(info["wall_s"]), run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # a stale or interrupted run
-    run_dir.mkdir(parents=True)
+    # an interrupted run with this key resumes from its checkpoint.pt (same settings, same cube)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = train(cube_path, cfg, run_dir, client=client, progress=_quiet)
     cube = open_cube(cube_path)
@@ -449,7 +450,7 @@ def compare_stage(
     """Stage: ``DIR/compare/comparison.csv`` and ``comparison.md`` (plus ``runs.csv``, per seed).
 
     Skipped on a rerun when the config sections it reads, the cube, the methods and the seeds are
-    unchanged. Returns ``{"comparison_csv": Path, "comparison_md": Path}``.
+    unchanged. ``force`` recomputes the table; ViT runs still come from their cache (:func:`vit_run`). Returns ``{"comparison_csv": Path, "comparison_md": Path}``.
     """
     from .runner import build_cube_stage, run_stage
 
