@@ -5,7 +5,8 @@
     mpm cube  CONFIG --out DIR          DIR/cube.zarr
     mpm train CONFIG --cube C --out DIR DIR/model.pt
     mpm score CONFIG --cube C --model M --out DIR
-    mpm evaluate CONFIG --scores P --out DIR
+    mpm compare CONFIG --out DIR        the ViT, ablations and seven comparison methods, one table
+    mpm reliability CONFIG --out DIR    several seeds: mean and uncertainty maps
     mpm synth --out DIR                 write the synthetic province's input files only
 
 Errors of this package print as one line (``error: ...``) and exit with status 2.
@@ -77,6 +78,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_stage
+
+    cfg = _load(args.config)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    methods = args.methods.split(",") if args.methods else None
+    paths = compare_stage(cfg, Path(args.out), force=args.force, methods=methods, seeds=seeds,
+                          ablations=not args.no_ablations)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_reliability(args) -> int:
+    from .compare import reliability_stage, sensitivity_table
+
+    cfg = _load(args.config)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    paths = reliability_stage(cfg, Path(args.out), seeds=seeds, force=args.force)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    if args.sensitivity:
+        print(f"sensitivity: {sensitivity_table(cfg, Path(args.out), force=args.force)}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import train_from_config
 
@@ -110,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_cube)
 
-    stages_help = "comma-separated stages to run (default: all): cube,quicklook,train,score,evaluate,report"
+    stages_help = ("comma-separated stages to run (default: cube,quicklook,train,score,evaluate,report; "
+                   "also: compare,reliability)")
     cluster_help = ("where train/score run, replacing the config's cluster section: 'local', 'none', a scheduler "
                     "address (tcp://host:8786) or a cluster profile YAML (deploy/profiles/*.yaml)")
     sp = sub.add_parser("run", help="run every stage of a config")
@@ -127,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stages", default=None, help=stages_help)
     sp.add_argument("--cluster", default=None, metavar="PROFILE", help=cluster_help)
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("compare", help="the ViT, its ablations and seven comparison methods: DIR/compare/comparison.csv|md")
+    common(sp)
+    sp.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    sp.add_argument("--seeds", default="0,1,2")
+    sp.add_argument("--no-ablations", action="store_true")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("reliability", help="N seeds: mean and uncertainty maps, AUC mean/std, rank correlation")
+    common(sp)
+    sp.add_argument("--seeds", default="0,1,2")
+    sp.add_argument("--sensitivity", action="store_true", help="also the window x mask-ratio table")
+    sp.set_defaults(func=cmd_reliability)
 
     sp = sub.add_parser("synth", help="write the synthetic province's input files and run config")
     sp.add_argument("--out", required=True)

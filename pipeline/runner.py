@@ -193,14 +193,34 @@ def evaluate_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print,
     return {"metrics": path}
 
 
-ALL_STAGES = ("cube", "quicklook", "train", "score", "evaluate", "report")
+def compare_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
+    from .compare import compare_stage as run_compare
+
+    return run_compare(cfg, out, force=force, log=log, client=client)
+
+
+def reliability_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
+    from .compare import reliability_stage as run_reliability
+
+    return run_reliability(cfg, out, force=force, log=log, client=client)
+
+
+def report_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
+    from .report import report_stage as run_report
+
+    return run_report(cfg, out, force=force, log=log, client=client)
+
+
+ALL_STAGES = ("cube", "quicklook", "train", "score", "evaluate", "compare", "reliability", "report")
+DEFAULT_STAGES = ("cube", "quicklook", "train", "score", "evaluate", "report")
 
 
 def available_stages() -> tuple[str, ...]:
     """Stages whose modules are present in this install (all of them in a release)."""
     import importlib.util
 
-    need = {"train": "pipeline.train", "score": "pipeline.score", "evaluate": "pipeline.evaluate", "report": "pipeline.report"}
+    need = {"train": "pipeline.train", "score": "pipeline.score", "evaluate": "pipeline.evaluate",
+            "compare": "pipeline.compare", "reliability": "pipeline.compare", "report": "pipeline.report"}
     return tuple(s for s in ALL_STAGES if s not in need or importlib.util.find_spec(need[s]) is not None)
 
 
@@ -217,7 +237,7 @@ def run_pipeline(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     avail = available_stages()
-    wanted = tuple(s.strip() for s in stages.split(",")) if stages else avail
+    wanted = tuple(s.strip() for s in stages.split(",")) if stages else tuple(s for s in DEFAULT_STAGES if s in avail)
     unknown = [s for s in wanted if s not in ALL_STAGES]
     if unknown:
         from .errors import ConfigError
@@ -229,7 +249,7 @@ def run_pipeline(
         outputs["cube"] = build_cube_stage(cfg, out, force=force, progress=progress, log=log)
     if "quicklook" in wanted:
         outputs["bands"] = quicklook_stage(cube_path, out, log=log)
-    later = [n for n in ("train", "score", "evaluate", "report") if n in wanted]
+    later = [n for n in ("train", "score", "evaluate", "compare", "reliability", "report") if n in wanted]
     client = None
     if any(n in ("train", "score") for n in later) and cfg.cluster.kind != "none":
         from .cluster import make_cluster
@@ -249,4 +269,17 @@ def run_pipeline(
             if cluster is not None:  # a cluster we started (local, jobqueue, gateway, kubernetes)
                 cluster.close()
     log("outputs: " + ", ".join(f"{k}={v}" for k, v in outputs.items()))
+    _summary(out, log)
     return outputs
+
+
+def _summary(out: Path, log) -> None:
+    import json
+
+    m = out / "metrics.json"
+    if m.exists():
+        p = json.loads(m.read_text()).get("prospectivity", {})
+        if "auc" in p:
+            log(f"summary: prospectivity ROC AUC {p['auc']:.3f} ({p.get('protocol')} protocol) -> {m}")
+    if (out / "report.html").exists():
+        log(f"report: {out / 'report.html'}")
