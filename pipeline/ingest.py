@@ -218,14 +218,19 @@ def read_points(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.ndarray
     ensure_input_exists(path, layer.name)
     if path.suffix.lower() in (".csv", ".txt"):
         try:
-            df = pd.read_csv(path)
+            header = pd.read_csv(path, nrows=0).columns
+            # without a query only the coordinate and value columns are read: province-scale tables
+            # hold millions of rows
+            wanted = [c for c in dict.fromkeys([layer.x, layer.y, *layer.columns]) if c in header]
+            df = pd.read_csv(path, usecols=None if layer.query else wanted)
         except Exception as exc:
             raise LayerError(layer.name, f"cannot read CSV {str(path)!r} ({exc})", "check that it is a comma-separated table with a header") from None
+        df.attrs["all_columns"] = list(header)
         missing = [c for c in (layer.x, layer.y) if c not in df.columns]
         if missing:
             raise LayerError(
                 layer.name,
-                f"x/y column(s) {missing} not in {str(path)!r} (columns: {list(df.columns)[:30]})",
+                f"x/y column(s) {missing} not in {str(path)!r} (columns: {list(header)[:30]})",
                 "set 'x' and 'y' to the coordinate columns",
             )
         if layer.query:
@@ -242,17 +247,23 @@ def read_points(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.ndarray
         src_crs = gdf.crs.to_wkt()
     absent = [c for c in layer.columns if c not in df.columns]
     if absent:
-        raise LayerError(layer.name, f"value column(s) {absent} not in {str(path)!r} (columns: {list(df.columns)[:30]})", "fix 'columns'")
+        cols = df.attrs.get("all_columns", list(df.columns))
+        raise LayerError(layer.name, f"value column(s) {absent} not in {str(path)!r} (columns: {cols[:30]})", "fix 'columns'")
     ok = np.isfinite(x) & np.isfinite(y)
     if not ok.any():
         raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
-    vals = pd.DataFrame({c: _numeric(df[c], layer, c) for c in layer.columns})[ok].reset_index(drop=True)
-    for s in layer.missing:
-        vals = vals.mask(np.isclose(vals, s))
+    arr = np.empty((int(ok.sum()), len(layer.columns)), dtype="float64")
+    for j, c in enumerate(layer.columns):
+        arr[:, j] = _numeric(df[c], layer, c)[ok]
+    del df
+    for sentinel in layer.missing:
+        arr[np.isclose(arr, sentinel)] = np.nan
+    neg = arr < 0
     if layer.below_detection == "half":
-        vals = vals.mask(vals < 0, -vals / 2)
+        arr[neg] = -arr[neg] / 2
     elif layer.below_detection == "nan":
-        vals = vals.mask(vals < 0)
+        arr[neg] = np.nan
+    vals = pd.DataFrame(arr, columns=list(layer.columns), copy=False)
     tx = Transformer.from_crs(src_crs, dst_crs.wkt if hasattr(dst_crs, "wkt") else dst_crs, always_xy=True)
     px, py = tx.transform(x[ok], y[ok])
     return np.asarray(px), np.asarray(py), vals
@@ -358,7 +369,7 @@ def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int)
     m = len(layer.columns)
     it = layer.interpolation
     k = 1 if it.method == "nearest" else it.k
-    v = vals[list(layer.columns)].to_numpy(dtype="float64")
+    v = vals.to_numpy(dtype="float64", copy=False)
     # one KD-tree query per block serves every column
     template = dsa.zeros((m, *tuple(geobox.shape)), chunks=(m, chunk, chunk), dtype="float32")
     arr = dsa.map_blocks(_idw_map_block, template, px, py, v, x, y, it.power, k, it.radius, it.max_distance,
@@ -367,24 +378,35 @@ def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int)
 
 
 def _transform_samples(vals: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
+    """log / log10 / CLR of sample values, in place on one float64 array (tables can be millions of rows)."""
     if layer.transform == "none":
         return vals
+    arr = vals.to_numpy(dtype="float64", copy=True)  # pandas hands out read-only views
+    del vals
     if layer.zeros == "half_min":
-        vals = vals.apply(lambda c: c.mask(c <= 0, c[c > 0].min() / 2))
-    arr = vals.to_numpy(dtype="float64")
-    if np.any(arr[np.isfinite(arr)] <= 0):
-        bad = vals.columns[(vals <= 0).any()].tolist()
+        for j in range(arr.shape[1]):
+            col = arr[:, j]
+            pos = col[col > 0]
+            if pos.size:
+                col[col <= 0] = pos.min() / 2
+    nonpos = arr <= 0  # NaN compares False
+    if nonpos.any():
+        bad = [c for c, hit in zip(layer.columns, nonpos.any(axis=0)) if hit]
         raise LayerError(
             layer.name,
             f"transform {layer.transform!r} needs positive values but column(s) {bad} hold values <= 0 "
             f"(min {np.nanmin(arr):g})",
-            "list sentinels under 'missing', use below_detection: half, or use transform 'none'",
+            "set 'zeros: half_min', list sentinels under 'missing', or use transform 'none'",
         )
-    logv = np.log10(arr) if layer.transform == "log10" else np.log(arr)
+    del nonpos
+    if layer.transform == "log10":
+        np.log10(arr, out=arr)
+    else:
+        np.log(arr, out=arr)
     if layer.transform == "clr":
         # CLR needs every part of the composition: samples missing a part are left out of all bands
-        logv = logv - np.mean(logv, axis=1, keepdims=True)
-    return pd.DataFrame(logv, columns=vals.columns)
+        arr -= np.mean(arr, axis=1, keepdims=True)
+    return pd.DataFrame(arr, columns=list(layer.columns), copy=False)
 
 
 # ----------------------------------------------------------------------------------------------
