@@ -18,6 +18,8 @@ SOURCES_HINT = "geochemistry, geophysics, geology (or any group name of your own
 KINDS = ("continuous", "categorical", "distance", "indicator", "points")
 TRANSFORMS = ("none", "log", "log10", "clr")
 SCALINGS = ("robust", "standard", "none")
+RESAMPLINGS = ("nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med")
+_CHOICES = {"kind": KINDS, "transform": TRANSFORMS, "scaling": SCALINGS, "resampling": RESAMPLINGS}
 
 
 class _Frozen(BaseModel):
@@ -117,33 +119,12 @@ class LayerConfig(_Frozen):
     )
     interpolation: InterpolationConfig = InterpolationConfig()
 
-    @field_validator("kind")
+    @field_validator("kind", "transform", "scaling", "resampling")
     @classmethod
-    def _known_kind(cls, v):
-        if v not in KINDS:
-            raise ValueError(f"unknown kind {v!r}. Fix: use one of {', '.join(KINDS)}")
-        return v
-
-    @field_validator("transform")
-    @classmethod
-    def _known_transform(cls, v):
-        if v not in TRANSFORMS:
-            raise ValueError(f"unknown transform {v!r}. Fix: use one of {', '.join(TRANSFORMS)}")
-        return v
-
-    @field_validator("scaling")
-    @classmethod
-    def _known_scaling(cls, v):
-        if v not in SCALINGS:
-            raise ValueError(f"unknown scaling {v!r}. Fix: use one of {', '.join(SCALINGS)}")
-        return v
-
-    @field_validator("resampling")
-    @classmethod
-    def _known_resampling(cls, v):
-        allowed = ("nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med")
+    def _known_choice(cls, v, info):
+        allowed = _CHOICES[info.field_name]
         if v is not None and v not in allowed:
-            raise ValueError(f"unknown resampling {v!r}. Fix: use one of {', '.join(allowed)}")
+            raise ValueError(f"unknown {info.field_name} {v!r}. Fix: use one of {', '.join(allowed)}")
         return v
 
     @model_validator(mode="after")
