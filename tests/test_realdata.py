@@ -63,3 +63,26 @@ def test_gswa_soil1_points_gridded(tmp_path):
     assert valid.sum() > 5000
     au = ds.evidence.sel(band="soil_Au_ppm").values[valid]
     assert np.isfinite(au).all() and au.std() > 0.1
+
+
+@pytest.mark.parametrize("name", ["cn-south-li", "wa-murchison", "gswa-soil1"])
+def test_real_config_runs_end_to_end_at_reduced_size(name, tmp_path):
+    """cube -> train -> score -> evaluate on each real dataset, with a small model and few steps."""
+    import json
+
+    from pipeline.runner import run_pipeline
+
+    shared_data(name)
+    cfg = RunConfig.from_yaml(CONFIGS / f"{name}.yaml").with_updates(
+        model={"dim": 32, "depth": 1, "heads": 2, "decoder_dim": 32, "decoder_depth": 1},
+        train={"epochs": 1, "steps_per_epoch": 3, "train_stride": 8, "batch_size": 16},
+        score={"stride": 16},
+        cluster={"kind": "none"},
+    )
+    out = tmp_path / "o"
+    run_pipeline(cfg, out, stages="cube,train,score,evaluate", progress=False, log=lambda m: None)
+    for f in ("cube.zarr", "model.pt", "prospectivity.zarr", "prospectivity.tif", "metrics.json"):
+        assert (out / f).exists(), f
+    m = json.loads((out / "metrics.json").read_text())["prospectivity"]
+    assert 0.0 <= m["auc"] <= 1.0
+    assert m["protocol"] == ("points" if name == "gswa-soil1" else "raster")
