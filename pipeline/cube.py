@@ -127,9 +127,15 @@ def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
         )
     step = max(1, int(np.ceil(np.sqrt(n_valid / MAX_STAT_PIXELS))))
     sub_valid = valid[::step, ::step]
+    n_bands = ds.sizes["band"]
+    # every chunk holds all bands: read several bands per pass (~256 MB at a time), not one pass per band
+    per_pass = max(1, int(2**26 // max(sub_valid.size, 1)))
     centers, scales = [], []
+    sub = None
     for i, band in enumerate(ds["band"].values.tolist()):
-        vals = np.asarray(ds["evidence"].isel(band=i).values[::step, ::step][sub_valid], dtype="float64")
+        if i % per_pass == 0:
+            sub = np.asarray(ds["evidence"][i : min(i + per_pass, n_bands), ::step, ::step].values)
+        vals = np.asarray(sub[i % per_pass][sub_valid], dtype="float64")
         scaling = str(ds["scaling"].values[i])
         if vals.size == 0 or not np.isfinite(vals).any():
             raise LayerError(band, "has no data inside the study area", "check its nodata value and its extent")

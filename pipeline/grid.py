@@ -38,8 +38,7 @@ def parse_crs(value: str, where: str) -> OdcCRS:
 def _open_raster_meta(path: Path, name: str):
     import rasterio
 
-    if not path.exists():
-        raise LayerError(name, f"file {str(path)!r} does not exist", "check the 'path' (relative to the config file)")
+    ensure_input_exists(path, name)
     try:
         return rasterio.open(path)
     except Exception as exc:
@@ -184,8 +183,7 @@ def _rasterize(geoms, geobox: GeoBox, all_touched: bool, values=None) -> np.ndar
 def _read_vector(path: Path, layer: str | None, name: str, crs: str | None, query: str | None = None):
     import geopandas as gpd
 
-    if not Path(path).exists():
-        raise LayerError(name, f"file {str(path)!r} does not exist", "check the 'path' (relative to the config file)")
+    ensure_input_exists(Path(path), name)
     try:
         gdf = gpd.read_file(path, layer=layer)
     except Exception as exc:

@@ -146,13 +146,18 @@ _TREES: dict = {}
 
 
 def _tree_cache(pts: np.ndarray, cls):
-    """One KD-tree per point set per process (blocks of one band share it)."""
-    key = (id(pts), pts.shape)
-    tree = _TREES.get(key)
-    if tree is None or tree.n != len(pts):
-        if len(_TREES) > 8:
-            _TREES.clear()
-        tree = _TREES[key] = cls(pts)
+    """One KD-tree per point set per process (blocks of one band share it).
+
+    The cache holds the array itself and checks identity, so a freed array's reused id never
+    returns another band's tree.
+    """
+    hit = _TREES.get(id(pts))
+    if hit is not None and hit[0] is pts:
+        return hit[1]
+    if len(_TREES) > 8:
+        _TREES.clear()
+    tree = cls(pts)
+    _TREES[id(pts)] = (pts, tree)
     return tree
 
 

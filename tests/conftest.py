@@ -105,3 +105,18 @@ def shared_data(name: str) -> Path:
     if not p.exists():
         pytest.skip(f"real dataset {name!r} not present at {p} (../shared/data is only on the project's machines)")
     return p
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(request):
+    """Modules that set ``ONE_TORCH_THREAD = True`` run torch on one intra-op thread: tiny tensors on a
+    shared 2-core box are 10-50x slower with two (OpenMP spin-wait contention)."""
+    if not getattr(request.module, "ONE_TORCH_THREAD", False):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

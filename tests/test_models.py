@@ -17,13 +17,7 @@ SMALL = ModelConfig(window=16, patch=4, dim=32, depth=2, heads=2, decoder_dim=32
                     stem_channels=8, fusion_channels=16, mask_ratio=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids OpenMP spin contention.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 
 
 def small_model(**kw) -> FusionViTAE:

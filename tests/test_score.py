@@ -26,13 +26,7 @@ GROUPS = group_indices(SOURCES)
 TINY = dict(window=8, patch=4, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1, stem_channels=4, fusion_channels=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids spin-wait contention on a shared 2-core box (10-50x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 
 
 def tiny_model(mask_ratio: float = 0.5, seed: int = 0):

@@ -24,12 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_score import TINY, make_checkpoint, make_cube  # noqa: E402  (the small cube + model fixtures)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ def run_config(model=None, train=None) -> RunConfig:
     })
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 
 
 @pytest.fixture(scope="module")
