@@ -143,26 +143,55 @@ def open_scores(path: Path):
         return xr.open_zarr(path, decode_coords="all", consolidated=False)
 
 
-def evaluate_scores(cfg: RunConfig, score, cube=None) -> dict:
+_EVAL_INPUTS: dict = {}
+
+
+def _evaluation_inputs(cfg: RunConfig, crs):
+    """Deposits and, for the point protocol, sample locations in ``crs``, read once per process.
+
+    Comparisons evaluate dozens of maps against the same files; the key includes the files' mtimes so
+    that an edited file is read again.
+    """
+    from . import evaluate as ev
+
+    paths = [cfg.resolve(cfg.deposits.path)]
+    points = next((l for l in cfg.layers if l.kind == "points"), None) if cfg.evaluate.protocol == "points" else None
+    if points is not None:
+        paths.append(cfg.resolve(points.path))
+    key = (
+        cfg.deposits.model_dump_json(), str(cfg.base_dir), points.model_dump_json() if points else None,
+        str(crs), tuple(p.stat().st_mtime_ns if p.exists() else None for p in paths),
+    )
+    if key not in _EVAL_INPUTS:
+        deposits = ev.load_deposits(cfg.deposits, cfg.base_dir)
+        samples = None
+        if points is not None:
+            from .ingest import read_points
+
+            px, py, _ = read_points(points, cfg, crs)
+            samples = np.column_stack([px, py])
+        if len(_EVAL_INPUTS) > 8:
+            _EVAL_INPUTS.clear()
+        _EVAL_INPUTS[key] = (deposits, samples)
+    return _EVAL_INPUTS[key]
+
+
+def evaluate_scores(cfg: RunConfig, score) -> dict:
     """Metrics of one score map (y, x) against the config's deposits, with the config's protocol."""
     from . import evaluate as ev
 
     if cfg.deposits is None:
         return {"note": "no deposits in the config: nothing to evaluate"}
-    deposits = ev.load_deposits(cfg.deposits, cfg.base_dir)
     score = score.load()
+    deposits, samples = _evaluation_inputs(cfg, score.rio.crs)
     if cfg.evaluate.protocol == "points":
-        from .ingest import read_points
-
-        layer = next(l for l in cfg.layers if l.kind == "points")
-        px, py, _ = read_points(layer, cfg, score.rio.crs)
         import geopandas as gpd
 
-        samples = gpd.GeoDataFrame(geometry=gpd.points_from_xy(px, py), crs=score.rio.crs)
-        s = ev.sample_map_at_points(score, samples)
+        pts = gpd.GeoDataFrame(geometry=gpd.points_from_xy(samples[:, 0], samples[:, 1]), crs=score.rio.crs)
+        s = ev.sample_map_at_points(score, pts)
         dep = deposits.to_crs(score.rio.crs)
         res = ev.point_protocol_auc(
-            s, np.column_stack([px, py]), np.column_stack([dep.geometry.x, dep.geometry.y]),
+            s, samples, np.column_stack([dep.geometry.x, dep.geometry.y]),
             min_dist_km=cfg.evaluate.min_dist_km, draws=cfg.evaluate.repeats, seed=cfg.evaluate.seed, return_all=True,
         )
         return {"protocol": "points", "auc": res["auc_mean"], "auc_std": res["auc_std"], "n_samples": int(len(s)),
