@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all reliability bench clean
 
 $(BIN)/mpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+# docs/reliability.md: the bad-input, fault and interrupt cases, written by the suite itself
+reliability: install
+	MPM_RELIABILITY_DOC=docs/reliability.md $(BIN)/python -m pytest -m reliability -q
 
 clean:
 	rm -rf $(VENV) out

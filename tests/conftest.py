@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest_plugins = ["_reliability"]
+
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 UTM = "EPSG:32646"
 X0, Y0, RES = 500_000.0, 4_000_000.0, 100.0  # target grid origin (top-left) and pixel size

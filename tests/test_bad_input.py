@@ -40,10 +40,12 @@ def _run_expect_failure(cfg: Path, out: Path, capsys, *needles: str) -> str:
     return err
 
 
-def test_missing_crs(mini_inputs, tmp_path, capsys):
+@pytest.mark.reliability("raster", "GeoTIFF without a CRS")
+def test_missing_crs(mini_inputs, tmp_path, capsys, reliability):
     write_raster(mini_inputs / "nocrs.tif", np.ones((20, 20)), crs=None, transform=from_origin(X0, Y0, 100, 100))
     cfg = _with_layer(mini_inputs, "  - {name: bare, path: nocrs.tif}")
-    _run_expect_failure(cfg, tmp_path / "o", capsys, "'bare'", "no CRS", "crs: EPSG")
+    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'bare'", "no CRS", "crs: EPSG")
+    reliability(observed=err, kept="no cube.zarr, no temporary store")
 
 
 def test_layer_outside_grid(mini_inputs, tmp_path, capsys):
