@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,23 @@ def load_checkpoint(path, *, map_location="cpu", expect_bands: list[str] | None 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist. Fix: train a model with `mpm train` first")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
+            blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or not a checkpoint of this package "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Fix: retrain with `mpm train`, or resume from an intact checkpoint"
-        ) from None
+        raise CheckpointError(_unreadable(path, exc)) from None
     if not isinstance(blob, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(blob).__name__}, not a checkpoint dict. Fix: retrain")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {type(blob).__name__}, not a checkpoint of this package. "
+            "Fix: pass the model.pt written by `mpm train`, or retrain"
+        )
     missing = [k for k in ("state_dict", *META_KEYS) if k not in blob]
     if missing:
+        keys = [str(k) for k in list(blob)[:3]]
         raise CheckpointError(
-            f"checkpoint {str(path)!r} lacks {', '.join(missing)}; it was not written by save_checkpoint. "
-            "Fix: retrain with `mpm train`"
+            f"checkpoint {str(path)!r} lacks {', '.join(missing)} (its keys: {keys}{' ...' if len(blob) > 3 else ''}); "
+            "it was not written by save_checkpoint (a bare state_dict?). Fix: pass the model.pt written by "
+            "`mpm train`, or retrain"
         )
     bands = list(blob["bands"])
     if expect_bands is not None and list(map(str, expect_bands)) != bands:
@@ -112,6 +116,37 @@ def load_checkpoint(path, *, map_location="cpu", expect_bands: list[str] | None 
     meta = {k: blob[k] for k in META_KEYS}
     meta["extra"] = blob.get("extra", {})
     return model, meta
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file: pickled code, truncation, or a foreign file."""
+    import re
+    import zipfile
+
+    text = str(exc)
+    fix = "Fix: retrain with `mpm train`, or resume from an intact checkpoint"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        size, head = -1, b""
+    glob = re.search(r"GLOBAL ([\w.]+)", text)
+    if glob or ("Weights only load failed" in text and head[:1] == b"\x80"):  # \x80: a pickle's first byte
+        what = f" (it asks for {glob.group(1)!r})" if glob else ""
+        return (
+            f"checkpoint {str(path)!r} holds pickled Python objects{what}, which are refused: checkpoints are read "
+            "with weights_only=True, so that a file cannot run code. Fix: retrain with `mpm train`; never load this "
+            "file with weights_only=False unless you trust where it came from"
+        )
+    if not zipfile.is_zipfile(path):
+        if head == b"PK":
+            return (f"checkpoint {str(path)!r} is truncated or corrupt ({size} bytes, its zip directory is missing: "
+                    f"an interrupted copy or write). {fix}")
+        return (f"checkpoint {str(path)!r} is corrupt or not a checkpoint of this package ({size} bytes that are not "
+                f"a torch archive). {fix}")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"checkpoint {str(path)!r} is corrupt ({type(exc).__name__}: {first[:160]}). {fix}"
 
 
 def _band_mismatch(where: str, have: list[str], want: list[str]) -> str:

@@ -9,7 +9,8 @@
     mpm reliability CONFIG --out DIR    several seeds: mean and uncertainty maps
     mpm synth --out DIR                 write the synthetic province's input files only
 
-Errors of this package print as one line (``error: ...``) and exit with status 2.
+Errors of this package print as one line (``error: ...``) and exit with status 2. Ctrl-C prints one line
+naming the interrupted stage and exits with status 130; rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -194,14 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+    # odc-geo hands rasterio's warp arrays with their transforms given separately: the warning is noise
+    warnings.filterwarnings("ignore", message="Dataset has no geotransform", module="rasterio")
     try:
         return args.func(args)
     except MPMError as exc:
         msg = str(exc).replace("\n", " ")
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        stage = getattr(exc, "stage", None)
+        what = f"interrupted during stage '{stage}'" if stage else f"interrupted ({args.command})"
+        print(f"{what}: finished stages and outputs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

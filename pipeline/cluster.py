@@ -65,6 +65,25 @@ class ClusterError(MPMError, RuntimeError):
     """The Dask cluster cannot run what was asked of it."""
 
 
+#: Preloaded into the worker processes of a local cluster (``dask_setup`` below runs in each, restarted
+#: workers included).
+WORKER_PRELOAD = "pipeline.cluster"
+
+
+def dask_setup(worker) -> None:
+    """Worker preload: ignore SIGINT in local worker processes.
+
+    Ctrl-C in a terminal reaches the whole process group: the workers would each raise KeyboardInterrupt in
+    the middle of a task and print pages of tracebacks. The client process owns the shutdown: it catches
+    the interrupt, closes the cluster (which stops its workers) and prints one line.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # -- profiles ------------------------------------------------------------------------------------
 
 def _validate(data: dict, where: str) -> ClusterConfig:
@@ -102,7 +121,9 @@ def load_profile(path: str | Path) -> ClusterConfig:
     try:
         data = yaml.safe_load(found.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cluster profile {str(found)!r} is not valid YAML: {exc}") from None
+        from .config import _yaml_error
+
+        raise ConfigError(_yaml_error(found, exc).replace("config file", "cluster profile", 1)) from None
     if isinstance(data, dict) and set(data) == {"cluster"}:
         data = data["cluster"]
     if not isinstance(data, dict):
@@ -272,7 +293,8 @@ def build_cluster(cfg: ClusterConfig):
         resources = {"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else None
         return distributed.LocalCluster(
             n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-            memory_limit=cfg.memory_limit, resources=resources, dashboard_address=":0",
+            memory_limit=cfg.memory_limit, resources=resources, dashboard_address="127.0.0.1:0",
+            preload=[WORKER_PRELOAD],
         )
     if cfg.kind == "jobqueue":
         system, kw = jobqueue_kwargs(cfg)
@@ -327,7 +349,7 @@ def _wait(client: distributed.Client, n: int, timeout: float, what: str) -> None
     try:
         client.wait_for_workers(n, timeout=timeout)
     except TimeoutError as exc:
-        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        have = len(_workers(client))
         raise ClusterError(f"{what}: {have} of {n} worker(s) arrived within {timeout:.0f} s. Fix: check the queue or "
                            "pods (deploy/README.md), or raise wait_timeout in the cluster profile") from exc
 
@@ -370,9 +392,16 @@ def make_cluster(cfg: ClusterConfig) -> distributed.Client | None:
     return client
 
 
+def _workers(client: distributed.Client) -> dict:
+    """The scheduler's workers now, asked of the scheduler itself: ``client.scheduler_info()`` returns a
+    cached identity that the client's periodic refresh overwrites with a copy listing no worker, so that a
+    worker may seem to be missing from it."""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def cluster_has_gpus(client: distributed.Client) -> bool:
     """True when some worker advertises a 'GPU' resource."""
-    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in client.scheduler_info(n_workers=-1)["workers"].values())
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in _workers(client).values())
 
 
 def _free_port() -> int:
@@ -414,8 +443,19 @@ def _ddp_rank(cube, cfg: RunConfig, out: str, rank: int, world: int, host, port,
                             timeout=datetime.timedelta(seconds=120))
     try:
         return run_training(cube, cfg, out, ranks=[rank], ddp=True, report=report, log_every=log_every)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not (isinstance(exc, getattr(dist, "DistBackendError", ())) or "gloo" in text or "NCCL" in text
+                or "Connection reset" in text or "Connection closed" in text):
+            raise
+        # A peer rank is gone (its process died): say so in the result rather than as a task error, which
+        # the worker would log as a page of traceback. The client side turns it into one ClusterError line.
+        return {"rank": rank, "transport_error": f"{type(exc).__name__}: {text.splitlines()[0][:300]}"}
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a broken group: nothing left to tear down
+            pass
 
 
 def _cube_for_workers(cube):
@@ -426,10 +466,60 @@ def _cube_for_workers(cube):
     return str(src) if src else cube
 
 
+WATCH_S = 1.0  # how often training on a cluster checks that its workers are alive
+LOST_GRACE_S = 10.0  # a worker missing from the scheduler this long is lost
+LOST_SETTLE_S = 10.0  # how long the surviving ranks get to stop after a rank was lost
+
+
+def _raise_if_lost(client, chosen: list[str], futures, world: int, out: Path, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        alive = set(_workers(client))
+        lost = [(r, a) for r, a in enumerate(chosen) if a not in alive]
+        if lost:
+            _raise_lost(client, futures, lost, world, out)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.5)
+
+
+def _raise_lost(client, futures, lost: list[tuple[int, str]], world: int, out: Path) -> None:
+    """The surviving ranks stop at their next collective: wait for that (10 s at most), so that the
+    checkpoint named in the message is the one a rerun resumes from; then cancel everything and raise."""
+    gone = {r for r, _ in lost}
+    others = [f for r, f in enumerate(futures) if r not in gone]
+    if others:
+        try:
+            distributed.wait(others, timeout=LOST_SETTLE_S)
+        except TimeoutError:
+            pass
+    client.cancel(futures)
+    raise ClusterError(_lost_rank_message(lost, world, out))
+
+
+def _lost_rank_message(lost: list[tuple[int, str]], world: int, out: Path) -> str:
+    ranks = ", ".join(f"rank {r} ({a})" for r, a in lost)
+    ckpt = out / "checkpoint.pt"
+    where = "no checkpoint was written yet, so a rerun starts the training afresh"
+    if ckpt.is_file():
+        try:
+            import torch
+
+            blob = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            where = (f"the last checkpoint, step {int(blob['step'])} of "
+                     f"{int(blob.get('extra', {}).get('total_steps', 0)) or '?'}, is kept in {ckpt} and a rerun "
+                     "resumes from it")
+        except Exception:  # unreadable: load_checkpoint will say so on the rerun
+            where = f"a rerun resumes from the last checkpoint in {ckpt}"
+    return (f"training lost the Dask worker of {ranks} of {world} (the worker process died: killed, out of memory, "
+            f"or its node was lost); {where}. Fix: rerun the same command (check the workers' memory limit if it "
+            "happens again)")
+
+
 def run_training_on_cluster(client: distributed.Client, cube, cfg: RunConfig, out, *, progress, log_every: int = 10) -> list[dict]:
     """Train on the cluster's workers (see module doc); returns the per-rank summaries, rank order."""
     world = cfg.train.ddp_workers
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = _workers(client)
     gpus = cluster_has_gpus(client)
     candidates = sorted(a for a, w in info.items() if not gpus or w.get("resources", {}).get("GPU", 0) >= 1)
     if len(candidates) < world:
@@ -461,14 +551,46 @@ def run_training_on_cluster(client: distributed.Client, cube, cfg: RunConfig, ou
         )
         for r, addr in enumerate(chosen)
     ]
+    missing_since: dict[str, float] = {}
     try:
         pending = set(futures)
         while pending:  # fail fast: a rank's error surfaces while the others still wait on collectives
-            done, pending = distributed.wait(pending, return_when="FIRST_COMPLETED")
+            try:
+                done, pending = distributed.wait(pending, timeout=WATCH_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            # A rank whose worker died never finishes (its task is pinned to that worker), and the other ranks
+            # block in collectives or fail with a transport error: stop, and say so, at once.
+            alive = set(_workers(client))
+            now = time.monotonic()
+            for a in chosen:
+                if a in alive:
+                    missing_since.pop(a, None)
+                else:
+                    missing_since.setdefault(a, now)
+            failed = [f for f in done if f.status == "error"]
+            # gone for LOST_GRACE_S (a worker the scheduler dropped for a moment comes back under its address),
+            # or gone while another rank fails (its collectives broke because of it)
+            lost = [(r, a) for r, a in enumerate(chosen)
+                    if a in missing_since and (failed or now - missing_since[a] >= LOST_GRACE_S)]
+            if lost:
+                _raise_lost(client, futures, lost, world, Path(out))
             for f in done:
-                if f.status == "error":
-                    client.cancel(list(pending))
-                    f.result()  # re-raises the worker's exception here
+                res = f.result() if f.status == "finished" else None
+                if isinstance(res, dict) and "transport_error" in res:
+                    _raise_if_lost(client, chosen, futures, world, Path(out), wait=5.0)
+                    client.cancel(futures)
+                    raise ClusterError(
+                        f"training rank {res['rank']} of {world} lost its connection to the other ranks "
+                        f"({res['transport_error']}). Fix: rerun the same command; it resumes from the last "
+                        f"checkpoint ({Path(out) / 'checkpoint.pt'})"
+                    )
+            for f in failed:
+                if not isinstance(f.exception(), MPMError):
+                    # a transport error in a collective: give the scheduler a moment to notice a dead peer
+                    _raise_if_lost(client, chosen, futures, world, Path(out), wait=5.0)
+                client.cancel(list(pending))
+                f.result()  # re-raises the worker's exception here
         results = client.gather(futures)
         time.sleep(0.2)  # let the last progress events arrive
     finally:

@@ -23,10 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import xarray as xr
 
 from .config import RunConfig
 from .errors import ConfigError, CubeError
+from .io import atomic_path, atomic_write_text
 
 __all__ = [
     "VIT_VARIANTS",
@@ -116,31 +114,15 @@ def _cube_identity(cube_path: Path) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def _write_zarr_atomic(ds: xr.Dataset, path: Path) -> Path:
-    """Write a small in-memory Dataset as Zarr v3 (``<path>.tmp-*`` then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        for v in ds.variables.values():
-            v.encoding.clear()
+    """Write a small in-memory Dataset as Zarr v3 (``<path>.tmp-*`` then rename; see :mod:`pipeline.io`)."""
+    for v in ds.variables.values():
+        v.encoding.clear()
+    with atomic_path(path) as tmp:
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -6,6 +6,7 @@ Relative paths resolve against the folder of the YAML file.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,140 @@ TRANSFORMS = ("none", "log", "log10", "clr")
 SCALINGS = ("robust", "standard", "none")
 RESAMPLINGS = ("nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med")
 _CHOICES = {"kind": KINDS, "transform": TRANSFORMS, "scaling": SCALINGS, "resampling": RESAMPLINGS}
+
+
+# ------------------------------------------------------------------------------------------------
+# query strings ('layers[].query', 'deposits.query')
+# ------------------------------------------------------------------------------------------------
+# pandas ``DataFrame.query`` (engine 'python' without numexpr) evaluates attribute access and calls, so a
+# query string could run code. Every query is checked against a whitelist of syntax first: comparisons of
+# columns with values, combined with and/or/not (and pandas' & | ~), arithmetic, lists of values.
+
+QUERY_FIX = (
+    "only comparisons of columns with values, combined with and/or/not, are allowed, e.g. "
+    "\"type == 'chromite' and Cr > 10\" or \"kind in ['a', 'b']\" (quote a column name with spaces in "
+    "backticks: `Au ppb` > 5)"
+)
+_QUERY_CMP = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
+_QUERY_UNARY = (ast.Not, ast.USub, ast.UAdd, ast.Invert)  # pandas reads ~ as not
+# arithmetic, and & | (pandas reads them as and / or)
+_QUERY_BINOP = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr)
+_QUERY_NODES = (ast.Expression, ast.Compare, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.BinOp, ast.Name,
+                ast.Load, ast.Constant, ast.List, ast.Tuple, *_QUERY_CMP, *_QUERY_UNARY, *_QUERY_BINOP)
+_QUERY_WHAT = {
+    ast.Attribute: "attribute access", ast.Call: "a function call", ast.Subscript: "indexing",
+    ast.Lambda: "a lambda", ast.ListComp: "a comprehension", ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension", ast.GeneratorExp: "a generator expression", ast.NamedExpr: "an assignment (:=)",
+    ast.JoinedStr: "an f-string", ast.FormattedValue: "an f-string", ast.IfExp: "a conditional expression",
+    ast.Dict: "a dict", ast.Set: "a set", ast.Starred: "unpacking (*)", ast.Slice: "a slice",
+    ast.Is: "'is'", ast.IsNot: "'is not'", ast.MatMult: "'@'", ast.LShift: "'<<'", ast.RShift: "'>>'",
+    ast.BitXor: "'^'", ast.Await: "'await'", ast.Yield: "'yield'", ast.YieldFrom: "'yield'",
+}
+_QUERY_MAX_POWER = 1000  # a constant exponent beyond this (2 ** 10 ** 10) would hang the run
+
+
+class QueryError(ConfigError):
+    """A query string uses syntax outside the whitelist (``problem`` and ``fix`` for LayerError)."""
+
+    def __init__(self, query: str, what: str, syntax: bool = False):
+        self.problem = f"query {query!r} {what}" if syntax else f"query {query!r} uses {what}, which is not allowed"
+        self.fix = QUERY_FIX
+        super().__init__(f"{self.problem}. Fix: {self.fix}")
+
+
+def _query_source(query: str) -> str:
+    """``query`` with pandas' backtick-quoted column names replaced by placeholder identifiers.
+
+    Splits quotes and backticks exactly as pandas does (a quote opens a string that the same quote closes;
+    a backtick opens a name that the next single backtick closes, ```` `` ```` escapes one), so the parsed
+    text has the structure pandas evaluates. Backslashes, comments, line breaks and '@' are refused here:
+    they are where tokenizers disagree, or they reach outside the table (``@name`` reads a Python variable).
+    """
+    bad = next((c for c in query if c == "\\" or not (c.isprintable() or c == "\t")), None)
+    if bad is not None:  # also inside quotes: an escaped quote is where pandas' splitting and Python's differ
+        raise QueryError(query, "a backslash" if bad == "\\" else f"the control character {bad!r}")
+    out: list[str] = []
+    i, n, k = 0, len(query), 0
+    while i < n:
+        c = query[i]
+        if c in "'\"":
+            j = query.find(c, i + 1)
+            if j < 0:
+                raise QueryError(query, f"has an unclosed quote ({c}) at character {i + 1}", syntax=True)
+            out.append(query[i:j + 1])
+            i = j + 1
+            continue
+        if c == "`":
+            j = i + 1
+            while True:
+                j = query.find("`", j)
+                if j < 0:
+                    raise QueryError(query, f"has an unclosed backtick at character {i + 1}", syntax=True)
+                if query[j + 1:j + 2] == "`":  # `` inside a quoted name is one backtick
+                    j += 2
+                    continue
+                break
+            out.append(f"_backtick_column_{k}")
+            k += 1
+            i = j + 1
+            continue
+        if c == "@":
+            raise QueryError(query, "a local variable reference ('@')")
+        if c == "#":
+            raise QueryError(query, "a comment ('#')")
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _query_construct(node: ast.AST) -> str:
+    what = next((w for t, w in _QUERY_WHAT.items() if isinstance(node, t)), None) or f"the syntax {type(node).__name__}"
+    try:
+        text = ast.unparse(node)
+    except Exception:
+        return what
+    if isinstance(node, ast.Attribute):
+        text = f".{node.attr}"
+    elif isinstance(node, ast.Call):
+        func = ast.unparse(node.func)
+        text = f"{'...' if len(func) > 40 else ''}{func[-40:]}(...)"
+    return f"{what} ({text[:60]!r})" if text else what
+
+
+def safe_query(query: str) -> str:
+    """Return ``query`` if it only selects rows, else raise :class:`QueryError` (one line, with the fix).
+
+    Allowed: column names (bare or in backticks), constants (str, number, bool, None), lists/tuples of
+    them, comparisons (== != < <= > >= in, not in), and/or/not (& | ~), unary -/+, arithmetic
+    (+ - * / // % **). Refused: attribute access, calls, indexing, '@' references, lambdas, comprehensions,
+    ':=', f-strings, dunder names and anything else.
+    """
+    if not isinstance(query, str):
+        raise QueryError(str(query), f"is a {type(query).__name__}, not a string", syntax=True)
+    source = _query_source(query)
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        detail = getattr(exc, "msg", None) or type(exc).__name__
+        raise QueryError(query, f"is not a valid expression ({detail})", syntax=True) from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _QUERY_NODES):
+            raise QueryError(query, _query_construct(node))
+        if isinstance(node, ast.Name) and node.id.startswith("__"):
+            raise QueryError(query, f"a name starting with '__' ({node.id!r}; such names reach Python internals)")
+        if isinstance(node, ast.Constant) and not (node.value is None or isinstance(node.value, (str, bool, int, float))):
+            raise QueryError(query, f"the constant {node.value!r}")
+        if isinstance(node, ast.BinOp) and not isinstance(node.op, (ast.BitAnd, ast.BitOr)) and any(
+            isinstance(s, ast.Constant) and isinstance(s.value, str) for s in (node.left, node.right)
+        ):
+            raise QueryError(query, f"arithmetic on a string ({ast.unparse(node)[:60]!r})")
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            exp = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
+            big = isinstance(exp, ast.Constant) and isinstance(exp.value, (int, float)) and abs(exp.value) > _QUERY_MAX_POWER
+            nested = any(isinstance(s, ast.BinOp) and isinstance(s.op, ast.Pow) for s in ast.walk(node.right))
+            if big or nested:
+                raise QueryError(query, f"a power with a huge exponent ({ast.unparse(node)[:60]!r})")
+    return query
 
 
 class _Frozen(BaseModel):
@@ -63,7 +198,8 @@ class GridConfig(_Frozen):
     @classmethod
     def _ordered_bounds(cls, v):
         if v is not None and (v[0] >= v[2] or v[1] >= v[3]):
-            raise ValueError(f"bounds {list(v)} are not ordered. Fix: write [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+            bad = " and ".join(n for n, lo, hi in (("xmin >= xmax", v[0], v[2]), ("ymin >= ymax", v[1], v[3])) if lo >= hi)
+            raise ValueError(f"bounds are not ordered ({bad}). Fix: write [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
         return v
 
     @model_validator(mode="after")
@@ -102,7 +238,10 @@ class LayerConfig(_Frozen):
     layer: str | None = Field(None, description="Layer inside a multi-layer vector file (GeoPackage).")
     attribute: str | None = None
     classes: tuple[Any, ...] | None = None
-    query: str | None = Field(None, description="pandas query selecting features or samples.")
+    query: str | None = Field(
+        None, description="pandas query selecting features or samples: comparisons of columns with values, "
+        "combined with and/or/not (no calls or attribute access), e.g. \"type == 'chromite' and Cr > 10\"."
+    )
     # points
     x: str | None = None
     y: str | None = None
@@ -127,6 +266,11 @@ class LayerConfig(_Frozen):
             raise ValueError(f"unknown {info.field_name} {v!r}. Fix: use one of {', '.join(allowed)}")
         return v
 
+    @field_validator("query")
+    @classmethod
+    def _safe_query(cls, v):
+        return None if v is None else safe_query(v)
+
     @model_validator(mode="after")
     def _kind_needs(self):
         if self.kind == "points":
@@ -135,6 +279,14 @@ class LayerConfig(_Frozen):
                 raise ValueError(f"kind 'points' needs {', '.join(missing)}. Fix: add the x/y column names and the value columns")
         if self.kind == "categorical" and not self.classes:
             raise ValueError("kind 'categorical' needs 'classes'. Fix: list the class values (one band each)")
+        names = self.band_names
+        dupes = sorted({b for b in names if names.count(b) > 1})
+        if dupes:
+            what = "classes" if self.kind == "categorical" else "columns"
+            raise ValueError(
+                f"{what} {list(getattr(self, what))} give the band name(s) {dupes} more than once. "
+                f"Fix: list each value once in '{what}'"
+            )
         if self.kind in ("categorical", "indicator", "distance") and self.transform in ("log", "log10", "clr"):
             raise ValueError(f"transform {self.transform!r} does not apply to kind {self.kind!r}. Fix: use transform 'none'")
         return self
@@ -157,7 +309,13 @@ class DepositsConfig(_Frozen):
     y: str | None = None
     crs: str | None = None
     layer: str | None = None
-    query: str | None = None
+    query: str | None = Field(None, description="pandas query selecting deposits (comparisons of columns with values, "
+                              "and/or/not; no calls or attribute access).")
+
+    @field_validator("query")
+    @classmethod
+    def _safe_query(cls, v):
+        return None if v is None else safe_query(v)
 
 
 class ModelConfig(_Frozen):
@@ -281,8 +439,10 @@ class RunConfig(_Frozen):
     @classmethod
     def from_dict(cls, data: dict, base_dir: Path | str = ".") -> "RunConfig":
         if not isinstance(data, dict):
+            got = "an empty document" if data is None else f"a {type(data).__name__} ({str(data)[:60]!r})"
             raise ConfigError(
-                f"the run config must be a mapping of keys (name, grid, layers, ...), got {type(data).__name__}"
+                f"the run config must be a mapping of keys (name, grid, layers, ...), but it is {got}. "
+                "Fix: start from configs/*.yaml or the output of `mpm synth` (keys at the top level, no leading '-')"
             )
         data = {**data, "base_dir": Path(base_dir).resolve()}
         try:
@@ -298,7 +458,18 @@ class RunConfig(_Frozen):
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(_yaml_error(path, exc)) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {str(path)!r} is not a text file ({exc.reason} at byte {exc.start}). "
+                "Fix: pass the run-config YAML (UTF-8 text)"
+            ) from None
+        if data is None or not isinstance(data, dict):
+            got = "empty" if data is None else f"a {type(data).__name__}, not a mapping of keys"
+            raise ConfigError(
+                f"config file {str(path)!r} is {got}. Fix: write the keys name, grid, layers, ... at the top level "
+                "(see configs/*.yaml or `mpm synth`)"
+            )
         return cls.from_dict(data, base_dir=path.parent)
 
     def to_yaml(self) -> str:
@@ -316,6 +487,36 @@ class RunConfig(_Frozen):
         return RunConfig.from_dict(data, base_dir=self.base_dir)
 
 
+def _yaml_error(path: Path, exc: Exception) -> str:
+    """One line: where the YAML breaks (1-based line and column), what the parser expected, and the line."""
+    mark = getattr(exc, "problem_mark", None)
+    ctx_mark = getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if context and ctx_mark is not None:
+        problem = f"{problem} ({context} opened at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
+    line = ""
+    culprit = ctx_mark if (context and ctx_mark is not None) else mark  # an unclosed bracket: where it opened
+    if culprit is not None:
+        try:
+            text = path.read_text().splitlines()[culprit.line].strip()
+            line = f"; line {culprit.line + 1} reads {text[:80]!r}" if text else ""
+        except (OSError, IndexError, UnicodeDecodeError):
+            pass
+    if "tag:yaml.org,2002:python/" in str(problem) or "!!python" in str(problem):
+        return (
+            f"config file {str(path)!r} holds a Python object tag{where}: {problem}{line}. "
+            "Fix: remove the !!python tag; configs are plain data, and tags that build Python objects are refused "
+            "because they could run code"
+        )
+    return (
+        f"config file {str(path)!r} is not valid YAML{where}: {problem}{line}. "
+        "Fix: correct the syntax there (an unclosed bracket or quote, a missing ': ', or a tab in the indentation "
+        "are the usual causes)"
+    )
+
+
 def _loc_str(loc: tuple, data: dict) -> str:
     parts: list[str] = []
     node: Any = data
@@ -329,25 +530,38 @@ def _loc_str(loc: tuple, data: dict) -> str:
         else:
             parts.append(str(item))
             node = node.get(item) if isinstance(node, dict) else None
-    return ".".join(parts) or "<top level>"
+    return ".".join(parts)
+
+
+def _close_key(key: str) -> str | None:
+    """The known config key closest to a misspelt one (any section), or None."""
+    import difflib
+
+    known = sorted({f for m in (RunConfig, GridConfig, InterpolationConfig, LayerConfig, DepositsConfig, ModelConfig,
+                                TrainConfig, ScoreConfig, ClusterConfig, EvaluateConfig) for f in m.model_fields} - {"base_dir"})
+    hit = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return hit[0] if hit else None
 
 
 def _format_validation_error(exc: ValidationError, data: dict) -> str:
     lines = []
     for err in exc.errors():
         loc = _loc_str(tuple(err["loc"]), data)
+        loc = f"{loc}: " if loc else ""
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key. Fix: check its spelling against docs/config-reference.md"
+            near = _close_key(str(err["loc"][-1]))
+            hint = f"did you mean {near!r}? Otherwise " if near else ""
+            msg = f"unknown key. Fix: {hint}check its spelling against docs/config-reference.md"
         elif err["type"] == "missing":
             msg = "required key is missing. Fix: add it"
         value = err.get("input")
-        shown = "" if err["type"] in ("missing",) or "{value" in msg else f" (got {value!r})"
+        shown = "" if err["type"] in ("missing",) or repr(value) in msg else f" (got {value!r})"
         if isinstance(value, dict):
             shown = ""
         if ". Fix:" in msg:
             problem, fix = msg.split(". Fix:", 1)
-            lines.append(f"{loc}: {problem}{shown}. Fix:{fix}")
+            lines.append(f"{loc}{problem}{shown}. Fix:{fix}")
         else:
-            lines.append(f"{loc}: {msg}{shown}. Fix: see docs/config-reference.md")
+            lines.append(f"{loc}{msg}{shown}. Fix: see docs/config-reference.md")
     return "invalid run config:\n  " + "\n  ".join(lines)

@@ -106,6 +106,21 @@ def source_groups(ds: xr.Dataset) -> dict[str, list[str]]:
     return groups
 
 
+def _read_into(part) -> np.ndarray:
+    """A (dask) array read chunk by chunk into one preallocated array: ``np.asarray`` would hold every
+    chunk and then their concatenation (twice the result). Strided chunks are copied so that no view
+    keeps a whole (all-band) chunk alive."""
+    if not hasattr(part, "chunks") or not hasattr(part, "map_blocks"):
+        return np.array(part)
+    import dask.array as dsa
+
+    out = np.empty(part.shape, dtype=part.dtype)
+    # threads in this process: with a distributed client active, store() would fill copies of `out` on
+    # the workers and leave this one empty
+    dsa.store(part.map_blocks(np.array, copy=True, dtype=part.dtype), out, lock=False, scheduler="threads")
+    return out
+
+
 def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-band (center, scale) over valid pixels, from each band's ``scaling``.
 
@@ -128,13 +143,13 @@ def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     step = max(1, int(np.ceil(np.sqrt(n_valid / MAX_STAT_PIXELS))))
     sub_valid = valid[::step, ::step]
     n_bands = ds.sizes["band"]
-    # every chunk holds all bands: read several bands per pass (~256 MB at a time), not one pass per band
-    per_pass = max(1, int(2**26 // max(sub_valid.size, 1)))
+    # every chunk holds all bands: read several bands per pass (~64 MB at a time), not one pass per band
+    per_pass = max(1, int(2**24 // max(sub_valid.size, 1)))
     centers, scales = [], []
     sub = None
     for i, band in enumerate(ds["band"].values.tolist()):
         if i % per_pass == 0:
-            sub = np.asarray(ds["evidence"][i : min(i + per_pass, n_bands), ::step, ::step].values)
+            sub = _read_into(ds["evidence"].data[i : min(i + per_pass, n_bands), ::step, ::step])
         vals = np.asarray(sub[i % per_pass][sub_valid], dtype="float64")
         scaling = str(ds["scaling"].values[i])
         if vals.size == 0 or not np.isfinite(vals).any():
@@ -179,8 +194,9 @@ def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, prov
     A failure at any point leaves no store at ``path`` (and removes the temporary one).
     Returns the path.
     """
+    from .io import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     ds = ds.copy()
     ds.attrs = {**ds.attrs, "mpm_cube_version": CUBE_VERSION}
     if provenance is not None:
@@ -188,11 +204,12 @@ def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, prov
     for c in STAT_COORDS:
         if c in ds.coords:
             ds = ds.drop_vars(c)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for var in ds.variables.values():
-            var.encoding.pop("chunks", None)
-            var.encoding.pop("preferred_chunks", None)
+    for var in ds.variables.values():
+        var.encoding.pop("chunks", None)
+        var.encoding.pop("preferred_chunks", None)
+    # atomic_path: written under <path>.tmp-*, renamed onto path when complete (an existing cube is moved
+    # aside first, then removed); on any failure, Ctrl-C included, the temporary is removed.
+    with atomic_path(path) as tmp:
         delayed = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
         if progress:
             from dask.diagnostics import ProgressBar
@@ -207,16 +224,6 @@ def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, prov
         stats = xr.Dataset(coords={"center": ("band", center), "scale": ("band", scale)}, attrs=ds.attrs)
         stats.to_zarr(tmp, mode="a", zarr_format=3, consolidated=False)
         _consolidate(tmp)
-        if path.exists():
-            backup = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -235,6 +242,12 @@ def open_cube(path: str | Path, *, validate: bool = True) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise CubeError(f"cube {str(path)!r} does not exist. Fix: build it with `mpm cube CONFIG --out DIR`")
+    if path.is_file():
+        raise CubeError(
+            f"cube {str(path)!r} is a file, not a Zarr store (a folder such as DIR/cube.zarr). "
+            "Fix: pass the cube.zarr folder written by `mpm cube CONFIG --out DIR`"
+        )
+    _not_a_cube(path)
     missing = [v for v in ("", "evidence", "valid") if path.is_dir() and not (path / v / "zarr.json").exists()]
     if missing:
         raise CubeError(
@@ -255,9 +268,123 @@ def open_cube(path: str | Path, *, validate: bool = True) -> xr.Dataset:
     # Per-band metadata is tiny: hold it in memory so that .values never triggers a dask compute.
     small = [c for c in ("band", *BAND_COORDS, *STAT_COORDS) if c in ds.coords]
     ds = ds.assign_coords({c: ds[c].load() for c in small})
+    ds = _guard_reads(ds, path)
     if validate:
         validate_cube(ds, str(path))
+        _check_chunks(path, ds)
     return ds
+
+
+class _GuardedArray:
+    """A cube array read chunk by chunk (as xarray would) whose read errors become one CubeError.
+
+    A truncated or overwritten chunk file opens fine and fails only when read, deep inside a dask compute
+    (training, scoring), as a codec error that names neither the store nor the fix.
+    """
+
+    def __init__(self, array, store: str, name: str):
+        self.array, self.store, self.name = array, store, name
+        self.shape, self.dtype, self.ndim = tuple(array.shape), np.dtype(array.dtype), len(array.shape)
+
+    def __getitem__(self, key):
+        try:
+            return self.array[key]
+        except Exception as exc:
+            first = next((l.strip() for l in str(exc).splitlines() if l.strip()), "")
+            where = ", ".join(f"{k.start or 0}:{k.stop}" if isinstance(k, slice) else str(k)
+                              for k in (key if isinstance(key, tuple) else (key,)))
+            raise CubeError(
+                f"cube {self.store!r} is damaged: its '{self.name}' data [{where}] cannot be read "
+                f"({type(exc).__name__}: {first[:120]}), a truncated or overwritten chunk file. "
+                "Fix: rebuild it with `mpm cube CONFIG --out DIR --force`, or copy the whole store again"
+            ) from None
+
+
+def _guard_reads(ds: xr.Dataset, path: Path) -> xr.Dataset:
+    """``evidence`` and ``valid`` read through :class:`_GuardedArray` (same chunks, same values)."""
+    import dask.array as dsa
+    import zarr
+
+    for name in ("evidence", "valid"):
+        if name not in ds or ds[name].chunks is None:
+            continue
+        var = ds[name]
+        try:
+            arr = zarr.open_array(store=str(path / name), mode="r", zarr_format=3)
+        except Exception:  # an unusual layout: keep xarray's reader
+            continue
+        if tuple(arr.shape) != var.shape or np.dtype(arr.dtype) != var.dtype:
+            continue  # xarray decoded it (e.g. a fill value to NaN): keep xarray's reader
+        data = dsa.from_array(_GuardedArray(arr, str(path), name), chunks=var.data.chunks, lock=False,
+                              name=f"mpm-cube-{var.data.name}", meta=np.empty((0,) * var.ndim, dtype=var.dtype))
+        ds[name] = var.copy(data=data)
+    return ds
+
+
+def _not_a_cube(path: Path) -> None:
+    """A folder that is some other store (a prospectivity map, a foreign Zarr): say what it is."""
+    root = path / "zarr.json"
+    if (path / "evidence").exists():
+        return
+    try:
+        meta = json.loads(root.read_text()) if root.exists() else None
+    except (OSError, ValueError):
+        meta = None
+    if meta is None and not (path / ".zgroup").exists():
+        if not any(path.iterdir()):
+            raise CubeError(f"cube {str(path)!r} is an empty folder. Fix: build the cube with `mpm cube CONFIG --out DIR`")
+        return  # a half-deleted cube: reported as incomplete below
+    attrs = (meta or {}).get("attributes", {})
+    if "mpm_cube_version" in attrs:
+        return  # a cube that lost its evidence array: reported as incomplete below
+    product = attrs.get("mpm_product")
+    kind = f"a {product} store (written by `mpm score`)" if product else "a Zarr store but not an evidence cube"
+    names = sorted(p.name for p in path.iterdir() if p.is_dir())
+    raise CubeError(
+        f"{str(path)!r} is {kind}: it has no 'evidence' or 'valid' array (it holds {names[:12]}). "
+        "Fix: pass the cube.zarr written by `mpm cube CONFIG --out DIR` (in the same output folder)"
+    )
+
+
+def _check_chunks(path: Path, ds: xr.Dataset) -> None:
+    """Raise CubeError when a chunk file of ``evidence`` is missing where ``valid`` says there is data.
+
+    Zarr reads a missing chunk as its fill value (NaN) without an error, so a deleted or never-copied chunk
+    file would silently become a hole, or zeros after normalisation. Chunks that are all NaN are
+    legitimately not written; they lie where ``valid`` is 0, which is what is checked (only ``valid`` of the
+    regions whose evidence chunk is absent is read).
+    """
+    import itertools
+    import math
+
+    arr = path / "evidence"
+    try:
+        meta = json.loads((arr / "zarr.json").read_text())
+        enc = meta.get("chunk_key_encoding", {})
+        shape = meta["shape"]
+        chunk_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if enc.get("name") != "default" or meta.get("chunk_grid", {}).get("name") != "regular":
+        return
+    sep = enc.get("configuration", {}).get("separator", "/")
+    grid = [range(math.ceil(n / c)) for n, c in zip(shape, chunk_shape)]
+    absent = [idx for idx in itertools.product(*grid) if not (arr / ("c" + sep + sep.join(map(str, idx)))).exists()]
+    if not absent:
+        return
+    _, cy, cx = chunk_shape
+    lost = []
+    for ib, iy, ix in absent:
+        region = ds["valid"][iy * cy : (iy + 1) * cy, ix * cx : (ix + 1) * cx]
+        if bool(region.any().compute()):
+            lost.append("evidence/c" + sep + sep.join(map(str, (ib, iy, ix))))
+    if lost:
+        raise CubeError(
+            f"cube {str(path)!r} is damaged: chunk file(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} of 'evidence' "
+            f"are missing ({len(lost)} of {math.prod(len(g) for g in grid)}), where the cube has valid pixels (an "
+            "interrupted copy or a deleted file). Fix: rebuild it with `mpm cube CONFIG --out DIR --force`, or copy "
+            "the whole store again"
+        )
 
 
 def validate_cube(ds: xr.Dataset, where: str = "cube") -> None:

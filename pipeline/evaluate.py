@@ -136,11 +136,20 @@ def load_deposits(cfg, base_dir: str | Path = ".") -> "geopandas.GeoDataFrame": 
         gdf = _apply_query(gdf, cfg.query, path)
         if not (gdf.geom_type == "Point").all():
             gdf = gdf.set_geometry(gdf.geometry.representative_point())
-    return gdf.reset_index(drop=True)
+    gdf = gdf.reset_index(drop=True)
+    gdf.attrs["path"] = str(path)  # named by the errors of deposit_cells
+    return gdf
 
 
 def _apply_query(df, query, path):
+    from .config import QueryError, safe_query
+
+    n_rows = len(df)
     if query:
+        try:  # checked again here: a DepositsConfig built with model_construct skips the validator
+            safe_query(query)
+        except QueryError as exc:
+            raise DepositsError(f"deposits {exc.problem} (in 'deposits.query'). Fix: {exc.fix}") from None
         try:
             df = df.query(query)
         except Exception as exc:
@@ -149,15 +158,20 @@ def _apply_query(df, query, path):
                 f"Fix: use pandas query syntax over the columns {[c for c in df.columns if c != 'geometry']}"
             ) from None
     if len(df) == 0:
+        if not query:
+            raise DepositsError(
+                f"deposits file {str(path)!r} holds no deposit (0 rows). Fix: point 'deposits.path' at the file "
+                "of known deposits, or remove the 'deposits' section (nothing is evaluated then)"
+            )
         raise DepositsError(
-            f"no deposits left in {str(path)!r}" + (f" after query {query!r}" if query else "") + ". "
-            "Fix: check the query values (e.g. the spelling of the deposit type) or the file"
+            f"no deposits left in {str(path)!r} after query {query!r} (it selects none of the {n_rows} rows). "
+            "Fix: check the query values (e.g. the spelling of the deposit type) against the file"
         )
     return df
 
 
-def _deposit_xy(score: xr.DataArray, deposits) -> np.ndarray:
-    """Deposit coordinates [N, 2] in the map's CRS."""
+def _deposit_xy(score: xr.DataArray, deposits, *, warn: bool = True) -> np.ndarray:
+    """Deposit coordinates [N, 2] in the map's CRS (``warn``: say so when the deposits have no CRS)."""
     crs = score.rio.crs
     if crs is None:
         raise EvaluationError(
@@ -165,10 +179,11 @@ def _deposit_xy(score: xr.DataArray, deposits) -> np.ndarray:
             "score.rio.write_crs(...) (score maps from pipeline.score / pipeline.baselines carry it)"
         )
     if deposits.crs is None:
-        warnings.warn(
-            f"deposits have no CRS; assuming the map's CRS ({crs}). Set 'deposits.crs' to be explicit",
-            stacklevel=3,
-        )
+        if warn:
+            warnings.warn(
+                f"deposits have no CRS; assuming the map's CRS ({crs}). Set 'deposits.crs' to be explicit",
+                stacklevel=3,
+            )
     elif deposits.crs != crs:
         deposits = deposits.to_crs(crs)
     geom = deposits.geometry
@@ -233,16 +248,16 @@ def deposit_cells(score: xr.DataArray, deposits) -> DepositCells:
     warning). Raises :class:`DepositsError` if no deposit falls on a valid cell.
     """
     values = _values(score)
-    xy = _deposit_xy(score, deposits)
+    xy = _deposit_xy(score, deposits, warn=False)
     rows, cols = _rows_cols(score, xy)
     inside = rows >= 0
     n_outside = int((~inside).sum())
-    if not inside.any():
-        x0, y0, x1, y1 = score.rio.bounds()
-        raise DepositsError(
-            f"all {len(xy)} deposits lie outside the map (map bounds [{x0:g}, {y0:g}, {x1:g}, {y1:g}] in "
-            f"{score.rio.crs}; first deposit at ({xy[0, 0]:g}, {xy[0, 1]:g})). Fix: check 'deposits.crs' and the "
-            "x/y columns (longitude is x)"
+    if not inside.any():  # the message says it when the deposits have no CRS: no warning line besides it
+        raise DepositsError(_all_outside(score, deposits, xy))
+    if deposits.crs is None:
+        warnings.warn(
+            f"deposits have no CRS; assuming the map's CRS ({score.rio.crs}). Set 'deposits.crs' to be explicit",
+            stacklevel=2,
         )
     on_valid = inside.copy()
     on_valid[inside] = np.isfinite(values[rows[inside], cols[inside]])
@@ -263,6 +278,27 @@ def deposit_cells(score: xr.DataArray, deposits) -> DepositCells:
         flat // values.shape[1], flat % values.shape[1],
         n_deposits=len(xy), n_outside=n_outside, n_invalid=n_invalid, n_shared=n_shared,
     )
+
+
+def _all_outside(score: xr.DataArray, deposits, xy: np.ndarray) -> str:
+    """The message for deposits that all miss the map: the file, both extents, and the likely cause."""
+
+    def box(b):
+        return "[" + ", ".join(f"{round(float(v), 6):.9g}" for v in b) + "]"
+
+    src = getattr(deposits, "attrs", {}).get("path")
+    what = f"deposits file {src!r}" if src else "deposits"
+    fin = xy[np.isfinite(xy).all(axis=1)]
+    ext = box([*fin.min(axis=0), *fin.max(axis=0)]) if len(fin) else "(no finite coordinates)"
+    crs = score.rio.crs
+    if deposits.crs is None:
+        cause = (f"the deposits have no CRS, so their x/y were taken as {crs} coordinates. Fix: set 'deposits.crs' "
+                 "to the CRS of the x/y columns (e.g. 'EPSG:4326' for longitude/latitude)")
+    else:
+        cause = (f"their CRS is {deposits.crs.to_string()}. Fix: check 'deposits.crs' (the CRS of the x/y columns), "
+                 "that 'deposits.x' is the easting/longitude column, and that the deposits belong to this area")
+    return (f"{what}: all {len(xy)} deposits lie outside the map: their extent {ext} vs the map bounds "
+            f"{box(score.rio.bounds())} in {crs}; {cause}")
 
 
 class _Split(NamedTuple):
@@ -293,7 +329,7 @@ def _split(score: xr.DataArray, deposits) -> _Split:
     neg = values[valid & ~dep]
     if neg.size == 0:
         raise EvaluationError("every valid cell holds a deposit: there are no negatives to compare against")
-    out = _Split(pos, neg, valid, dep, cells, values, _deposit_xy(score, deposits))
+    out = _Split(pos, neg, valid, dep, cells, values, _deposit_xy(score, deposits, warn=False))
     if cache is not None:
         cache[key] = out
     return out

@@ -14,7 +14,7 @@ from odc.geo import CRS as OdcCRS
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import BoundingBox
 
-from .config import GridConfig, RunConfig
+from .config import GridConfig, QueryError, RunConfig, safe_query
 from .errors import ConfigError, InputDataError, LayerError
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".nc", ".asc"}
@@ -48,7 +48,7 @@ def _open_raster_meta(path: Path, name: str):
 
 
 def raster_footprint(path: Path, name: str, crs_override: str | None, dst_crs: OdcCRS) -> BoundingBox:
-    """Bounds of a raster in ``dst_crs``."""
+    """Bounds of a raster in ``dst_crs`` (any orientation: north-up or south-up)."""
     from rasterio.warp import transform_bounds
 
     with _open_raster_meta(path, name) as src:
@@ -59,8 +59,85 @@ def raster_footprint(path: Path, name: str, crs_override: str | None, dst_crs: O
                 f"raster {str(path)!r} has no CRS",
                 "add 'crs: EPSG:xxxx' to the layer, or write one into the file (rio.write_crs / gdal_edit.py -a_srs)",
             )
-        b = transform_bounds(src_crs, dst_crs.wkt, *src.bounds, densify_pts=21)
+        if src.crs is None:
+            parse_crs(crs_override, f"layer {name!r}: crs")
+        if src.transform.is_identity:
+            raise LayerError(
+                name, f"raster {str(path)!r} has no georeferencing (no geotransform: pixel coordinates only)",
+                "georeference it (gdal_translate -a_ullr / -a_srs) before using it",
+            )
+        # rasterio's bounds keep the file's orientation: bottom > top for a south-up raster
+        left, bottom, right, top = src.bounds
+        native = (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+        where = "the file" if src.crs else "the layer's 'crs:'"
+        _check_native_extent(name, path, native, OdcCRS(src_crs), where, dst_crs)
+        b = transform_bounds(src_crs, dst_crs.wkt, *native, densify_pts=21)
+    if not np.all(np.isfinite(b)):
+        raise LayerError(
+            name,
+            f"its extent {_fmt_box(native)} cannot be placed in the grid's CRS {dst_crs}: those coordinates are not "
+            f"valid in the CRS {where} declares ({_crs_label(OdcCRS(src_crs))})",
+            "give the CRS its coordinates are really in (the 'crs:' of the layer for a file without one, "
+            "or rewrite the file's CRS with gdal_edit.py -a_srs)",
+        )
     return BoundingBox(*b, crs=dst_crs)
+
+
+def _crs_label(crs: OdcCRS) -> str:
+    epsg = crs.epsg
+    return f"EPSG:{epsg}" if epsg else str(crs.to_wkt())[:60]
+
+
+def _fmt_box(b) -> str:
+    return "(" + ", ".join(f"{round(float(v), 3):.12g}" for v in b) + ")"
+
+
+def _check_native_extent(name: str, path: Path, native, crs: OdcCRS, where: str, grid_crs: OdcCRS) -> None:
+    """A geographic CRS on coordinates that are clearly not degrees (metres of a projected CRS)."""
+    if not crs.geographic:
+        return
+    x0, y0, x1, y1 = native
+    example = _crs_label(grid_crs) if not grid_crs.geographic and grid_crs.epsg else "EPSG:xxxx"
+    if not (-360 <= x0 and x1 <= 360 and -90.5 <= y0 and y1 <= 90.5):
+        raise LayerError(
+            name,
+            f"raster {str(path)!r} has extent {_fmt_box(native)}, which is not longitude/latitude, but the CRS "
+            f"{where} declares is geographic ({_crs_label(crs)})",
+            f"give the projected CRS the coordinates are in (e.g. 'crs: {example}' on the layer for a file without "
+            f"one, or gdal_edit.py -a_srs {example} on the file)",
+        )
+
+
+def check_raster_complete(src, path: Path, name: str, band: int = 1) -> None:
+    """Raise LayerError when a GeoTIFF is truncated: a data block lies (partly) beyond the end of the file.
+
+    A truncated copy keeps a valid header, so it opens, and fails only when the missing blocks are read
+    (inside the cube write). The block offsets and sizes are header metadata: no pixel is read here.
+    """
+    if src.driver != "GTiff":
+        return
+    import os
+
+    size = os.path.getsize(path)
+    windows = [ji for ji, _ in src.block_windows(band)]
+    if len(windows) > 20_000:  # very large rasters: the last blocks (written last) and a regular sample
+        windows = windows[:: len(windows) // 10_000] + windows[-256:]
+    worst = None
+    for row, col in windows:
+        off = src.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band)
+        n = src.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band)
+        if not off or not n:
+            continue  # sparse block (not written) or a driver without the metadata
+        end = int(off) + int(n)
+        if end > size and (worst is None or end > worst):
+            worst = end
+    if worst is not None:
+        raise LayerError(
+            name,
+            f"raster {str(path)!r} is truncated: it is {size} bytes but its blocks need {worst} (an interrupted "
+            "copy or download)",
+            "copy or download the file again (gdalinfo -checksum reads every block to check it)",
+        )
 
 
 def _resolution_xy(res) -> tuple[float, float]:
@@ -152,19 +229,37 @@ def study_mask(cfg: RunConfig, geobox: GeoBox, chunk: int) -> xr.DataArray | Non
         da = open_raster_layer(lc, cfg, geobox, chunk, raw=True)
         m = (np.isfinite(da) & (da != 0))
     else:
-        import dask
-        import dask.array as dsa
-
         gdf = _read_vector(path, None, "grid.mask", None)
         gdf = gdf.to_crs(geobox.crs.wkt)
         polys = [g for g in gdf.geometry if g is not None and g.geom_type in ("Polygon", "MultiPolygon")]
         if not polys:
             raise ConfigError(f"grid.mask: {str(path)!r} holds no polygon. Fix: give a polygon layer of the study area")
-        arr = dsa.from_delayed(
-            dask.delayed(_rasterize)(polys, geobox, False), shape=tuple(geobox.shape), dtype=bool
-        ).rechunk(chunk)
-        m = xr.DataArray(arr, dims=("y", "x"), coords={"y": y, "x": x})
+        m = xr.DataArray(rasterize_blocks(polys, geobox, chunk), dims=("y", "x"), coords={"y": y, "x": x})
     return m.assign_coords(y=y, x=x).rename("mask")
+
+
+def rasterize_blocks(geoms, geobox: GeoBox, chunk: int, all_touched: bool = False):
+    """Geometries burnt into a lazy bool (y, x) dask array, one block at a time.
+
+    Each block rasterises only the geometries whose bounds meet it, on its own window of the grid: no
+    full-grid array is ever held (a full-grid task split into chunks keeps the whole grid alive, and makes
+    the scheduler run ahead on every piece of it).
+    """
+    import dask.array as dsa
+    import shapely
+
+    geoms = np.asarray([g for g in geoms if g is not None and not g.is_empty], dtype=object)
+    bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
+    template = dsa.zeros(tuple(geobox.shape), chunks=chunk, dtype=bool)
+    return dsa.map_blocks(_rasterize_block, template, geoms, bounds, geobox, all_touched, dtype=bool)
+
+
+def _rasterize_block(block, geoms, bounds, geobox: GeoBox, all_touched: bool, block_info=None) -> np.ndarray:
+    (r0, r1), (c0, c1) = block_info[None]["array-location"]
+    sub = geobox[r0:r1, c0:c1]
+    bb = sub.boundingbox
+    near = (bounds[:, 0] <= bb.right) & (bounds[:, 2] >= bb.left) & (bounds[:, 1] <= bb.top) & (bounds[:, 3] >= bb.bottom)
+    return _rasterize(geoms[near], sub, all_touched)
 
 
 def _rasterize(geoms, geobox: GeoBox, all_touched: bool, values=None) -> np.ndarray:
@@ -183,6 +278,11 @@ def _rasterize(geoms, geobox: GeoBox, all_touched: bool, values=None) -> np.ndar
 def _read_vector(path: Path, layer: str | None, name: str, crs: str | None, query: str | None = None):
     import geopandas as gpd
 
+    if query:  # before any use (the config validates it too; a model_construct'ed one does not)
+        try:
+            safe_query(query)
+        except QueryError as exc:
+            raise LayerError(name, exc.problem, exc.fix) from None
     ensure_input_exists(Path(path), name)
     try:
         gdf = gpd.read_file(path, layer=layer)
@@ -210,19 +310,50 @@ def _read_vector(path: Path, layer: str | None, name: str, crs: str | None, quer
         except Exception as exc:
             raise LayerError(name, f"query {query!r} failed ({exc})", f"use column names among {list(gdf.columns)}") from None
     if len(gdf) == 0:
-        raise LayerError(name, f"{str(path)!r} has no features (after query {query!r})", "check the file and the query")
+        what = f"layer {layer!r} of {str(path)!r}" if layer else repr(str(path))
+        if query:
+            raise LayerError(name, f"query {query!r} selects no feature of {what}", "relax the query (check the values' spelling)")
+        raise LayerError(name, f"{what} has no features (0 rows)", "export the layer again, or point 'layer' at one with features")
     return gdf
 
 
 def check_overlap(name: str, bbox: BoundingBox, geobox: GeoBox) -> None:
+    """Raise LayerError when a layer's extent (in the grid's CRS) misses the grid, with the likely cause."""
     ext = geobox.extent.boundingbox
-    if bbox.left >= ext.right or bbox.right <= ext.left or bbox.bottom >= ext.top or bbox.top <= ext.bottom:
+    box = tuple(float(v) for v in bbox)
+    grid = _fmt_box(ext)
+    if not np.all(np.isfinite(box)):
         raise LayerError(
             name,
-            f"does not overlap the grid: its extent {tuple(round(v, 3) for v in bbox)} lies outside the grid "
-            f"{tuple(round(v, 3) for v in ext)} ({geobox.crs})",
-            "check the layer's CRS (a wrong or missing CRS is the usual cause) and grid.bounds",
+            f"its coordinates cannot be placed on the grid ({geobox.crs}): they are not valid in the layer's CRS "
+            "(latitudes beyond +-90 degrees: are x and y swapped?)",
+            "check the layer's 'crs', and that 'x' names the easting/longitude column and 'y' the "
+            "northing/latitude one (swap 'x' and 'y' if they are the other way round)",
         )
+    left, bottom, right, top = box
+    if left >= ext.right or right <= ext.left or bottom >= ext.top or top <= ext.bottom:
+        fix = "check the layer's CRS (a wrong or missing CRS is the usual cause) and grid.bounds"
+        hint = ""
+        units = geobox.crs.units[0] if not geobox.crs.geographic else ""
+        if units in ("metre", "meter", "m") and _mostly_overlaps(tuple(v * 1000.0 for v in box), ext):
+            hint = (f"; times 1000 it would overlap: its coordinates look like kilometres, but the units of "
+                    f"{geobox.crs} are metres")
+            fix = "convert the coordinates to metres (multiply by 1000), or give the CRS they are really in"
+        raise LayerError(
+            name,
+            f"does not overlap the grid: its extent {_fmt_box(box)} lies outside the grid {grid} ({geobox.crs}){hint}",
+            fix,
+        )
+
+
+def _mostly_overlaps(box: tuple, ext) -> bool:
+    """Whether ``box`` covers at least half of the grid, or the grid at least half of ``box``."""
+    w = min(box[2], ext.right) - max(box[0], ext.left)
+    h = min(box[3], ext.top) - max(box[1], ext.bottom)
+    if w <= 0 or h <= 0:
+        return False
+    smaller = min((box[2] - box[0]) * (box[3] - box[1]), (ext.right - ext.left) * (ext.top - ext.bottom))
+    return smaller > 0 and w * h >= 0.5 * smaller
 
 
 def ensure_input_exists(path: Path, name: str) -> None:
@@ -230,3 +361,11 @@ def ensure_input_exists(path: Path, name: str) -> None:
         raise LayerError(name, f"file {str(path)!r} does not exist", "check the 'path' (relative to the config file)")
     if path.is_file() and path.stat().st_size == 0:
         raise InputDataError(f"layer {name!r}: file {str(path)!r} is empty. Fix: re-export it")
+    if path.is_file() and path.suffix.lower() in (".csv", ".txt", ".tsv"):
+        with open(path, "rb") as f:
+            head = [line for _, line in zip(range(2), (l for l in f if l.strip()))]
+        if len(head) < 2:
+            raise LayerError(
+                name, f"table {str(path)!r} has a header but no data rows (0 samples)",
+                "export the samples again, or remove the layer",
+            )

@@ -23,17 +23,19 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import BoundingBox
 
-from .config import LayerConfig, RunConfig
+from .config import LayerConfig, QueryError, RunConfig, safe_query
 from .cube import from_arrays
 from .errors import LayerError
 from .grid import (
     _rasterize,
     _read_vector,
     check_overlap,
+    check_raster_complete,
     ensure_input_exists,
     geobox_coords,
     is_raster,
     raster_footprint,
+    rasterize_blocks,
     study_mask,
     target_geobox,
 )
@@ -72,6 +74,7 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
         dtype = src.dtypes[layer.band - 1]
         if not np.issubdtype(np.dtype(dtype), np.number):
             raise LayerError(layer.name, f"raster dtype {dtype!r} is not numeric", "convert the raster to a numeric type")
+        check_raster_complete(src, path, layer.name, layer.band)
         src_res = abs(src.transform.a)
         src_crs = src.crs
     with warnings.catch_warnings():
@@ -82,6 +85,10 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
         da = da.rio.write_crs(layer.crs)
     if layer.nodata is not None:
         da = da.where(da != np.float32(layer.nodata))
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        # +-inf (a division by zero upstream, an overflow) is no data: never evidence, and never spread into
+        # its neighbours by the resampling
+        da = da.where(np.isfinite(da))
     if layer.zeros == "half_min" and layer.transform != "none":
         # one read of the source band (not of the aligned grid) to find its smallest positive value
         min_pos = float(da.where(da > 0).min().compute())
@@ -93,7 +100,14 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
         src_res_dst = src_res
     dst_res = abs(geobox.transform.a)
     resampling = "nearest" if raw else _choose_resampling(layer, src_res_dst, dst_res)
-    out = xr_reproject(da, geobox, resampling=resampling, chunks=(chunk, chunk), dst_nodata=np.nan)
+    if da.odc.geobox == geobox:
+        # already on the grid: no warp (GDAL's warp of a lon/lat raster onto its own grid goes through the
+        # CRS's lat/lon axis order and moves values by ~1e-11), the values stay bitwise identical
+        out = da.chunk({"y": chunk, "x": chunk})
+    else:
+        out = xr_reproject(da, geobox, resampling=resampling, chunks=(chunk, chunk), dst_nodata=np.nan)
+        # odc-geo names the dims ('latitude', 'longitude') on a geographic grid
+        out = out.rename({out.dims[-2]: "y", out.dims[-1]: "x"})
     x, y = geobox_coords(geobox)
     out = out.drop_vars([c for c in out.coords if c not in ("x", "y")]).assign_coords(x=x, y=y)
     out.attrs = {}
@@ -182,8 +196,7 @@ def _vector_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int
     if polys.empty:
         raise LayerError(layer.name, f"kind {layer.kind!r} needs polygons, {str(path)!r} has {sorted(set(gdf.geom_type))}", "use kind 'distance' for lines or points")
     if layer.kind == "indicator":
-        arr = dsa.from_delayed(dask.delayed(_rasterize)(list(polys.geometry), geobox, False), shape=shape, dtype=bool)
-        return [_grid_da(arr.rechunk(chunk).astype("float32"), geobox)]
+        return [_grid_da(rasterize_blocks(list(polys.geometry), geobox, chunk).astype("float32"), geobox)]
     # categorical polygons: one 0/1 band per class
     if layer.attribute is None or layer.attribute not in polys.columns:
         cols = [c for c in polys.columns if c != "geometry"]
@@ -203,8 +216,7 @@ def _vector_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int
     bands = []
     for cls in layer.classes:
         geoms = list(polys.geometry[polys[layer.attribute].astype(str) == str(cls)])
-        arr = dsa.from_delayed(dask.delayed(_rasterize)(geoms, geobox, False), shape=shape, dtype=bool)
-        bands.append(_grid_da(arr.rechunk(chunk).astype("float32"), geobox))
+        bands.append(_grid_da(rasterize_blocks(geoms, geobox, chunk).astype("float32"), geobox))
     return bands
 
 
@@ -217,69 +229,144 @@ def read_points(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.ndarray
     Sentinels in ``layer.missing`` become NaN; negative values mean below detection ('< |v|') and are
     replaced by ``|v| / 2`` (``below_detection: half``), NaN (``nan``) or kept (``value``).
     """
+    px, py, arr = _read_point_arrays(layer, cfg, dst_crs)
+    return px, py, pd.DataFrame(arr, columns=list(layer.columns), copy=False)
+
+
+CSV_ROWS_PER_BLOCK = 200_000  # rows parsed at a time: province-scale tables hold millions of rows
+
+
+def _read_point_arrays(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples as arrays: x [N], y [N] in ``dst_crs`` (float64) and values [N, M] (float32, writable).
+
+    A CSV is parsed in blocks of :data:`CSV_ROWS_PER_BLOCK` rows straight into preallocated arrays, so the
+    peak memory is the arrays themselves plus one block, whatever the table's size.
+    """
     from pyproj import Transformer
 
     path = cfg.resolve(layer.path)
     ensure_input_exists(path, layer.name)
-    if path.suffix.lower() in (".csv", ".txt"):
-        try:
-            header = pd.read_csv(path, nrows=0).columns
-            # without a query only the coordinate and value columns are read: province-scale tables
-            # hold millions of rows
-            wanted = [c for c in dict.fromkeys([layer.x, layer.y, *layer.columns]) if c in header]
-            df = pd.read_csv(path, usecols=None if layer.query else wanted)
-        except Exception as exc:
-            raise LayerError(layer.name, f"cannot read CSV {str(path)!r} ({exc})", "check that it is a comma-separated table with a header") from None
-        df.attrs["all_columns"] = list(header)
-        missing = [c for c in (layer.x, layer.y) if c not in df.columns]
-        if missing:
-            raise LayerError(
-                layer.name,
-                f"x/y column(s) {missing} not in {str(path)!r} (columns: {list(header)[:30]})",
-                "set 'x' and 'y' to the coordinate columns",
-            )
+    dst = dst_crs.wkt if hasattr(dst_crs, "wkt") else dst_crs
+    if path.suffix.lower() not in (".csv", ".txt"):
+        gdf = _read_vector(path, layer.layer, layer.name, layer.crs, layer.query)
+        _check_value_columns(layer, path, list(gdf.columns))
+        x, y = gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any():
+            raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
+        arr = np.empty((int(ok.sum()), len(layer.columns)), dtype="float32")
+        for j, c in enumerate(layer.columns):
+            arr[:, j] = _numeric(gdf[c], layer, c)[ok]
+        tx = Transformer.from_crs(gdf.crs.to_wkt(), dst, always_xy=True)
+        px, py = tx.transform(x[ok], y[ok])
+        return np.asarray(px, dtype="float64"), np.asarray(py, dtype="float64"), _clean_values(arr, layer)
+
+    try:
+        header = list(pd.read_csv(path, nrows=0).columns)
+    except Exception as exc:
+        raise LayerError(layer.name, f"cannot read CSV {str(path)!r} ({exc})", "check that it is a comma-separated table with a header") from None
+    missing = [c for c in (layer.x, layer.y) if c not in header]
+    if missing:
+        raise LayerError(
+            layer.name,
+            f"x/y column(s) {missing} not in {str(path)!r} (columns: {header[:30]})",
+            "set 'x' and 'y' to the coordinate columns",
+        )
+    _check_value_columns(layer, path, header)
+    if layer.crs is None:
+        raise LayerError(layer.name, "point samples from a CSV have no CRS", "add 'crs: EPSG:4326' (or the CRS of x/y) to the layer")
+    tx = Transformer.from_crs(layer.crs, dst, always_xy=True)
+    cap = _count_lines(path)  # an upper bound on the rows: the arrays are allocated once
+    px, py = np.empty(cap, dtype="float64"), np.empty(cap, dtype="float64")
+    arr = np.empty((cap, len(layer.columns)), dtype="float32")  # values are gridded to float32 anyway
+    # without a query only the coordinate and value columns are parsed
+    wanted = None if layer.query else list(dict.fromkeys([layer.x, layer.y, *layer.columns]))
+    n = 0
+    selected = 0
+    for df in _csv_blocks(path, layer, wanted):
         if layer.query:
-            df = _query(df, layer)
+            df = _query(df, layer, allow_empty=True)
+        selected += len(df)
         x = _numeric(df[layer.x], layer, layer.x)
         y = _numeric(df[layer.y], layer, layer.y)
-        if layer.crs is None:
-            raise LayerError(layer.name, "point samples from a CSV have no CRS", "add 'crs: EPSG:4326' (or the CRS of x/y) to the layer")
-        src_crs = layer.crs
-    else:
-        gdf = _read_vector(path, layer.layer, layer.name, layer.crs, layer.query)
-        df = pd.DataFrame(gdf.drop(columns="geometry"))
-        x, y = gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()
-        src_crs = gdf.crs.to_wkt()
-    absent = [c for c in layer.columns if c not in df.columns]
-    if absent:
-        cols = df.attrs.get("all_columns", list(df.columns))
-        raise LayerError(layer.name, f"value column(s) {absent} not in {str(path)!r} (columns: {cols[:30]})", "fix 'columns'")
-    ok = np.isfinite(x) & np.isfinite(y)
-    if not ok.any():
+        ok = np.isfinite(x) & np.isfinite(y)
+        k = int(ok.sum())
+        if n + k > cap:  # cannot happen with one row per line; kept as a guard against odd files
+            px, py = np.resize(px, 2 * (n + k)), np.resize(py, 2 * (n + k))
+            arr = np.resize(arr, (2 * (n + k), arr.shape[1]))
+            cap = len(px)
+        bx, by = tx.transform(x[ok], y[ok])
+        px[n : n + k], py[n : n + k] = bx, by
+        for j, c in enumerate(layer.columns):
+            arr[n : n + k, j] = _numeric(df[c], layer, c)[ok]
+        n += k
+    if layer.query and selected == 0:
+        raise LayerError(layer.name, f"query {layer.query!r} selects no sample", "relax the query")
+    if n == 0:
         raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
-    arr = np.empty((int(ok.sum()), len(layer.columns)), dtype="float64")
-    for j, c in enumerate(layer.columns):
-        arr[:, j] = _numeric(df[c], layer, c)[ok]
-    del df
-    for sentinel in layer.missing:
-        arr[np.isclose(arr, sentinel)] = np.nan
-    neg = arr < 0
-    if layer.below_detection == "half":
-        arr[neg] = -arr[neg] / 2
-    elif layer.below_detection == "nan":
-        arr[neg] = np.nan
-    vals = pd.DataFrame(arr, columns=list(layer.columns), copy=False)
-    tx = Transformer.from_crs(src_crs, dst_crs.wkt if hasattr(dst_crs, "wkt") else dst_crs, always_xy=True)
-    px, py = tx.transform(x[ok], y[ok])
-    return np.asarray(px), np.asarray(py), vals
+    if n < cap // 2:  # a selective query: give the unused rows back
+        px, py, arr = px[:n].copy(), py[:n].copy(), arr[:n].copy()
+    else:
+        px, py, arr = px[:n], py[:n], arr[:n]
+    return px, py, _clean_values(arr, layer)
 
 
-def _query(df: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
+def _count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            n += block.count(b"\n")
+    return n + 1
+
+
+def _csv_blocks(path: Path, layer: LayerConfig, usecols):
+    """Blocks of a CSV as DataFrames; a parse error becomes a LayerError naming the file."""
+    try:
+        reader = pd.read_csv(path, usecols=usecols, chunksize=CSV_ROWS_PER_BLOCK)
+        with reader:
+            while True:
+                try:
+                    df = next(reader)
+                except StopIteration:
+                    return
+                yield df
+    except LayerError:
+        raise
+    except Exception as exc:
+        raise LayerError(layer.name, f"cannot read CSV {str(path)!r} ({exc})", "check that it is a comma-separated table with a header") from None
+
+
+def _check_value_columns(layer: LayerConfig, path: Path, columns: list[str]) -> None:
+    absent = [c for c in layer.columns if c not in columns]
+    if absent:
+        raise LayerError(layer.name, f"value column(s) {absent} not in {str(path)!r} (columns: {columns[:30]})", "fix 'columns'")
+
+
+def _clean_values(arr: np.ndarray, layer: LayerConfig) -> np.ndarray:
+    """+-inf and sentinels to NaN and below-detection values handled, in place."""
+    for j in range(arr.shape[1]):  # column by column: temporaries of one column, not of the table
+        col = arr[:, j]
+        col[np.isinf(col)] = np.nan  # +-inf is missing, like the sentinels
+        for sentinel in layer.missing:
+            col[np.isclose(col, sentinel)] = np.nan
+        neg = col < 0
+        if layer.below_detection == "half":
+            col[neg] = -col[neg] / 2
+        elif layer.below_detection == "nan":
+            col[neg] = np.nan
+    return arr
+
+
+def _query(df: pd.DataFrame, layer: LayerConfig, allow_empty: bool = False) -> pd.DataFrame:
+    try:  # checked again here: a LayerConfig built with model_construct skips the validator
+        safe_query(layer.query)
+    except QueryError as exc:
+        raise LayerError(layer.name, exc.problem, exc.fix) from None
     try:
         out = df.query(layer.query)
     except Exception as exc:
         raise LayerError(layer.name, f"query {layer.query!r} failed ({exc})", f"use column names among {list(df.columns)[:30]}") from None
-    if out.empty:
+    if out.empty and not allow_empty:
         raise LayerError(layer.name, f"query {layer.query!r} selects no sample", "relax the query")
     return out
 
@@ -289,9 +376,10 @@ def _numeric(series: pd.Series, layer: LayerConfig, column: str) -> np.ndarray:
     bad = num.isna() & series.notna() & (series.astype(str).str.strip() != "")
     if bad.any():
         first = series[bad].iloc[0]
+        row = series.index[bad.to_numpy()][0]  # the data row (0-based), also when read in blocks
         raise LayerError(
             layer.name,
-            f"column {column!r} holds non-numeric value {first!r} (row {int(np.flatnonzero(bad.to_numpy())[0])}, {int(bad.sum())} such rows)",
+            f"column {column!r} holds non-numeric value {first!r} (data row {row}; {int(bad.sum())} such rows in its block)",
             "clean the column, or list the sentinel under 'missing'",
         )
     return num.to_numpy(dtype="float64")
@@ -308,7 +396,9 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
     """
     from scipy.spatial import cKDTree
 
-    values = np.asarray(values, dtype="float64")
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype("float64")
     single = values.ndim == 1
     vals2 = values[:, None] if single else values
     gx, gy = np.meshgrid(xs, ys)
@@ -321,7 +411,7 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
     q = np.column_stack([gx.ravel(), gy.ravel()])
     res = np.empty((len(q), m), dtype="float64")
     # pixels in batches: the [pixels, k, columns] temporaries stay a few MB whatever the block size
-    step = max(1, 2_000_000 // (k * m))
+    step = max(1, 500_000 // (k * m))
     for i in range(0, len(q), step):
         res[i : i + step] = _idw_batch(tree, vals2, q[i : i + step], k, power, radius, max_distance)
     out = res.T.reshape(m, *gx.shape).astype("float32")
@@ -364,17 +454,16 @@ def _idw_map_block(block, px, py, values, x, y, power, k, radius, max_distance, 
 
 
 def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
-    px, py, vals = read_points(layer, cfg, geobox.crs)
+    px, py, v = _read_point_arrays(layer, cfg, geobox.crs)
     check_overlap(layer.name, BoundingBox(px.min(), py.min(), px.max() + 1e-9, py.max() + 1e-9, crs=geobox.crs), geobox)
-    vals = _transform_samples(vals, layer)
-    for col in layer.columns:
-        if not np.isfinite(vals[col].to_numpy(dtype="float64")).any():
-            raise LayerError(f"{layer.name}.{col}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
+    v = _transform_samples(v, layer)
+    empty = [c for c, any_ok in zip(layer.columns, np.isfinite(v).any(axis=0)) if not any_ok]
+    if empty:
+        raise LayerError(f"{layer.name}.{empty[0]}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
     x, y = geobox_coords(geobox)
     m = len(layer.columns)
     it = layer.interpolation
     k = 1 if it.method == "nearest" else it.k
-    v = vals.to_numpy(dtype="float64", copy=False)
     # one KD-tree query per block serves every column
     template = dsa.zeros((m, *tuple(geobox.shape)), chunks=(m, chunk, chunk), dtype="float32")
     arr = dsa.map_blocks(_idw_map_block, template, px, py, v, x, y, it.power, k, it.radius, it.max_distance,
@@ -382,12 +471,10 @@ def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int)
     return [_grid_da(arr[i], geobox) for i in range(m)]
 
 
-def _transform_samples(vals: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
-    """log / log10 / CLR of sample values, in place on one float64 array (tables can be millions of rows)."""
+def _transform_samples(arr: np.ndarray, layer: LayerConfig) -> np.ndarray:
+    """log / log10 / CLR of sample values [N, M], in place (tables can be millions of rows)."""
     if layer.transform == "none":
-        return vals
-    arr = vals.to_numpy(dtype="float64", copy=True)  # pandas hands out read-only views
-    del vals
+        return arr
     if layer.zeros == "half_min":
         for j in range(arr.shape[1]):
             col = arr[:, j]
@@ -411,7 +498,7 @@ def _transform_samples(vals: pd.DataFrame, layer: LayerConfig) -> pd.DataFrame:
     if layer.transform == "clr":
         # CLR needs every part of the composition: samples missing a part are left out of all bands
         arr -= np.mean(arr, axis=1, keepdims=True)
-    return pd.DataFrame(arr, columns=list(layer.columns), copy=False)
+    return arr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +577,9 @@ def provenance(cfg: RunConfig) -> dict:
 
 def build_cube(cfg: RunConfig) -> xr.Dataset:
     """The lazy evidence cube of a run config (nothing computed; write it with ``write_cube``)."""
+    from .memory import limit_fragmentation
+
+    limit_fragmentation()  # a cube build runs thousands of chunk-sized temporaries through this process
     geobox = target_geobox(cfg)
     chunk = cfg.grid.chunk
     bands: list[xr.DataArray] = []

@@ -23,10 +23,8 @@ import html
 import io
 import json
 import math
-import os
 import platform
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -448,16 +446,9 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
 
 def write_report(text: str, path: str | Path) -> Path:
     """Write the HTML atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .io import atomic_write_text
+
+    return atomic_write_text(path, text)
 
 
 def report_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:

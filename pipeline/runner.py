@@ -1,23 +1,45 @@
 """Stage orchestration for ``mpm run`` / ``mpm demo``: each stage is a plain function of (config, out dir).
 
 A stage records what it was built from (a hash of the config sections it reads) in ``DIR/stages.json``;
-on a rerun a stage whose output exists and whose recorded hash matches is skipped (``force`` redoes it).
+on a rerun a stage whose outputs exist, are complete and whose recorded hash matches is skipped (``force``
+redoes it).
+
+Crash safety (an exception, Ctrl-C, SIGKILL, a lost worker, at any point):
+
+- a stage's entry is removed from ``stages.json`` before the stage starts and written back only after all of
+  its outputs are complete, so ``stages.json`` never marks a stage done whose outputs are missing or partial;
+- every output is written atomically (:mod:`pipeline.io`) or, for the resumable score store, marked complete
+  only at the end; a skipped stage's outputs are checked to be complete, not merely present;
+- a rerun of the same command therefore skips exactly the finished stages and redoes (or resumes: training
+  from ``checkpoint.pt``, scoring from the store's region manifest) the one that was interrupted, after
+  removing the temporaries that a killed writer left behind;
+- Ctrl-C raises :class:`StageInterrupted` (a KeyboardInterrupt naming the stage); ``mpm`` prints one line
+  and exits with status 130.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 from typing import Callable
 
 from .config import RunConfig
+from .io import atomic_path, atomic_write_json, clear_stale
 
 MANIFEST = "stages.json"
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage: ``stage`` names it (the CLI prints it and exits with status 130)."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
 
 
 def _hash(obj) -> str:
@@ -40,9 +62,33 @@ def _read_manifest(out: Path) -> dict:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_json(out / MANIFEST, manifest)
+
+
+def output_complete(p: Path) -> bool:
+    """True when output ``p`` is there and complete: a non-empty file, or a Zarr store whose root metadata
+    is there and which is not marked incomplete (``mpm_complete: false``, see :mod:`pipeline.sinks`)."""
+    p = Path(p)
+    if p.is_file():
+        return p.stat().st_size > 0
+    if not p.is_dir():
+        return False
+    if p.suffix != ".zarr":
+        return True
+    meta = p / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get("mpm_complete", True) is not False
+
+
+def _forget(out: Path, name: str) -> None:
+    """Remove ``name`` from the manifest (before its stage runs: a crash must not leave it marked done)."""
+    manifest = _read_manifest(out)
+    if name in manifest:
+        del manifest[name]
+        _write_manifest(out, manifest)
 
 
 def run_stage(
@@ -61,18 +107,36 @@ def run_stage(
     out.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(out)
     key = stage_key(cfg, sections)
-    # a stage is stale if any upstream stage was rebuilt after it
-    up_keys = {u: manifest.get(u, {}).get("key") for u in upstream}
+    # a stage is stale if any upstream stage was rebuilt after it: an upstream's record carries a fresh
+    # "built" token each time it runs (records written before there were tokens hash as they did then)
+    up_keys = {}
+    for u in upstream:
+        rec = manifest.get(u, {})
+        up_keys[u] = [rec.get("key"), rec["built"]] if "built" in rec else rec.get("key")
     key = _hash({"own": key, "upstream": up_keys})
     done = manifest.get(name, {})
-    if not force and done.get("key") == key and all(Path(p).exists() for p in outputs):
+    if not force and done.get("key") == key and all(output_complete(p) for p in outputs):
         log(f"[{name}] up to date, skipped ({', '.join(p.name for p in outputs)})")
         return False
     t0 = time.perf_counter()
+    _forget(out, name)
+    for p in outputs:  # temporaries of a writer that was killed (SIGKILL leaves them)
+        clear_stale(p)
     log(f"[{name}] running ...")
-    fn()
+    try:
+        fn()
+    except StageInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise StageInterrupted(name) from None
+    incomplete = [str(p) for p in outputs if not output_complete(p)]
+    if incomplete:
+        from .errors import MPMError
+
+        raise MPMError(f"stage '{name}' finished without complete outputs {incomplete}. Fix: rerun with --force")
     manifest = _read_manifest(out)
-    manifest[name] = {"key": key, "seconds": round(time.perf_counter() - t0, 2), "outputs": [str(p) for p in outputs]}
+    manifest[name] = {"key": key, "built": uuid.uuid4().hex[:12], "seconds": round(time.perf_counter() - t0, 2),
+                      "outputs": [str(p) for p in outputs]}
     _write_manifest(out, manifest)
     log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
     return True
@@ -101,11 +165,18 @@ def quicklook_stage(cube_path: Path, out: Path, log=print) -> Path:
 
     fig = plot_bands(open_cube(cube_path))
     path = out / "bands.png"
-    tmp = out / ".bands.tmp.png"
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, keep_suffix=True) as tmp:
+            fig.savefig(tmp, dpi=80)
+    except KeyboardInterrupt:
+        raise StageInterrupted("quicklook") from None
     log(f"[quicklook] {path}")
     return path
+
+
+def _client(client):
+    """A stage's ``client``: a Dask client, None, or a function that starts one (see :func:`run_pipeline`)."""
+    return client() if callable(client) else client
 
 
 def train_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
@@ -114,7 +185,7 @@ def train_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, cl
     model = out / "model.pt"
     run_stage(
         "train", cfg, out, [model], ("model", "train"),
-        lambda: train(out / "cube.zarr", cfg, out, client=client),
+        lambda: train(out / "cube.zarr", cfg, out, client=_client(client)),
         force=force, log=log, upstream=("cube",),
     )
     return {"model": model}
@@ -126,7 +197,7 @@ def score_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, cl
     zpath, tif = out / "prospectivity.zarr", out / "prospectivity.tif"
     run_stage(
         "score", cfg, out, [zpath, tif], ("score",),
-        lambda: score_to_disk(out / "cube.zarr", out / "model.pt", cfg, out, client=client),
+        lambda: score_to_disk(out / "cube.zarr", out / "model.pt", cfg, out, client=_client(client)),
         force=force, log=log, upstream=("cube", "train"),
     )
     return {"prospectivity_zarr": zpath, "prospectivity_tif": tif}
@@ -138,6 +209,13 @@ def open_scores(path: Path):
 
     import xarray as xr
 
+    if not output_complete(Path(path)):
+        from .errors import MPMError
+
+        raise MPMError(
+            f"{str(path)!r} is missing or incomplete (its score stage was interrupted or has not run). "
+            "Fix: rerun the same `mpm run` command; it resumes the score stage"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return xr.open_zarr(path, decode_coords="all", consolidated=False)
@@ -280,17 +358,39 @@ def run_pipeline(
         outputs["bands"] = quicklook_stage(cube_path, out, log=log)
     later = [n for n in ("train", "score", "evaluate", "compare", "reliability", "report") if n in wanted]
     client = None
-    if any(n in ("train", "score") for n in later) and cfg.cluster.kind != "none":
-        from .cluster import make_cluster
+    use_cluster = any(n in ("train", "score", "compare", "reliability") for n in later) and cfg.cluster.kind != "none"
 
-        client = make_cluster(cfg.cluster)
-        log(f"[cluster] Dask dashboard: {client.dashboard_link}")
+    def get_client():
+        """The Dask client, started on first use: a rerun whose train and score stages are up to date
+        (e.g. after an interrupted evaluate or report) starts no cluster."""
+        nonlocal client
+        if client is None:
+            from .cluster import make_cluster
+
+            client = make_cluster(cfg.cluster)
+            log(f"[cluster] Dask dashboard: {client.dashboard_link}")
+        return client
+
     try:
         for name in later:
             if name not in avail:
                 log(f"[{name}] not available in this install, skipped")
                 continue
-            outputs.update(globals()[f"{name}_stage"](cfg, out, force=force, log=log, client=client))
+            if not use_cluster:
+                arg = None
+            elif name in ("train", "score"):
+                arg = get_client  # called by the stage only when it runs
+            elif name in ("compare", "reliability"):
+                arg = get_client()
+            else:
+                arg = client
+            outputs.update(globals()[f"{name}_stage"](cfg, out, force=force, log=log, client=arg))
+    except BaseException:
+        if client is not None:
+            # Ctrl-C, a lost worker, an error: the workers are torn down mid-task; their shutdown chatter
+            # would bury the one line that says what happened
+            _quiet_cluster(client)
+        raise
     finally:
         if client is not None:
             cluster = getattr(client, "cluster", None)
@@ -300,6 +400,32 @@ def run_pipeline(
     log("outputs: " + ", ".join(f"{k}={v}" for k, v in outputs.items()))
     _summary(out, log)
     return outputs
+
+
+def _quiet_logs() -> None:
+    import logging
+
+    # distributed's teardown warnings, and asyncio's "Task exception was never retrieved" for the gathers
+    # that the interrupt cut short
+    for name in ("distributed", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _quiet_cluster(client) -> None:
+    """Silence distributed's logs here and, best effort (2 s at most), on the workers."""
+    import threading
+
+    _quiet_logs()
+
+    def run():
+        try:
+            client.run(_quiet_logs, on_error="ignore")
+        except Exception:  # a worker that is gone or busy: its chatter is the lesser evil
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(2.0)
 
 
 def _summary(out: Path, log) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shutil
 import uuid
 import warnings
@@ -26,6 +25,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import MPMError
+from .io import atomic_path
 
 __all__ = ["OutputError", "write_zarr_resumable", "write_cog", "zarr_regions", "is_complete"]
 
@@ -275,15 +275,9 @@ def write_cog(
     if np.issubdtype(da.dtype, np.floating):
         da.attrs["nodata"] = np.nan
         da.encoding.pop("_FillValue", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}.tif")
-    try:
+    with atomic_path(path, keep_suffix=True) as tmp:
         task = save_cog_with_dask(
             da, str(tmp), blocksize=blocksize, compression=compression, overview_resampling=overview_resampling
         )
         dask.compute(task, scheduler=scheduler)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -13,7 +13,6 @@ Deposits, when given, are counted per polygon by the cell that contains them (as
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +147,20 @@ def _union(parts):
 
 
 def write_targets(gdf, path: str | Path, layer: str = LAYER) -> Path:
-    """Write target polygons to a GeoPackage atomically (``<path>.tmp-*.gpkg``, then ``os.replace``).
+    """Write target polygons to a GeoPackage atomically (``<path>.tmp-*.gpkg``, then ``os.replace``; see :mod:`pipeline.io`).
 
     One layer (``layer``, default 'targets') with the ``level`` column: filter by level in QGIS or
     ``geopandas.read_file(path, where="level = 0.05")``. Returns ``path``.
     """
+    from .io import temporary_name
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.gpkg")
+    tmp = temporary_name(path, keep_suffix=True)
     try:
         gdf.to_file(tmp, layer=layer, driver="GPKG", engine="pyogrio")
         os.replace(tmp, path)
-    finally:
+    finally:  # SQLite's side files too
         for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
             p.unlink(missing_ok=True)
     return path

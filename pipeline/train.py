@@ -19,7 +19,6 @@ Files in ``out``: ``checkpoint.pt`` (training state, every ``checkpoint_every`` 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .cube import open_cube
 from .errors import CheckpointError, ConfigError
+from .io import atomic_write_json, clear_stale
 from .models import autocast_context, build_model, group_indices, masked_mse, random_token_mask
 from .patches import WindowFeed
 
@@ -242,6 +242,8 @@ def train(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint.pt", "model.pt", "train_summary.json"):  # left by a killed writer
+        clear_stale(out / name)
     progress = progress or _log_progress
     if client is None:
         results = [run_training(cube, cfg, out, report=progress, log_every=log_every)]
@@ -253,7 +255,7 @@ def train(
                "steps": results[0]["steps"], "resumed_from": results[0]["resumed_from"],
                "history": results[0]["history"], "ddp_workers": cfg.train.ddp_workers,
                "dask": client is not None}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "train_summary.json", summary, indent=1)
     return out / "model.pt"
 
 

@@ -91,7 +91,7 @@ def test_yaml_errors(tmp_path):
         RunConfig.from_yaml(p)
     # the safe loader refuses arbitrary Python objects
     p.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="Python object tag.*remove the !!python tag"):
         RunConfig.from_yaml(p)
 
 

@@ -81,3 +81,18 @@ def test_failed_write_leaves_nothing_and_keeps_previous(tmp_path):
         write_cube(_ds(bad, valid), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
     np.testing.assert_array_equal(open_cube(path).evidence.values, before)
+
+
+def test_statistics_are_read_in_this_process_under_a_distributed_client(tmp_path):
+    """compute_stats fills its arrays in place: with a distributed Client active (a notebook's usual state),
+    they must still be filled here, not in copies on the workers."""
+    import distributed
+    import dask.array as dsa
+
+    from pipeline.cube import _read_into
+
+    a = dsa.from_array(np.arange(6 * 40 * 50, dtype="float32").reshape(6, 40, 50), chunks=(6, 16, 16))
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c, \
+            distributed.Client(c):
+        got = _read_into(a[:, ::3, ::2])
+    np.testing.assert_array_equal(got, a.compute()[:, ::3, ::2])

@@ -146,3 +146,75 @@ def test_idw_columns_share_the_tree_and_skip_missing_values():
     # the single-column result is the same as the column of the multi-column one
     single = idw_block(px, py, vals[:, 1], np.array([0.0, 100.0, 150.0]), np.zeros(1), k=3)
     np.testing.assert_allclose(single, grid[1])
+
+
+def test_points_read_in_blocks_equal_a_whole_read(mini_inputs, monkeypatch):
+    """The CSV reader parses blocks of rows into preallocated arrays: the result does not depend on the
+    block size, a query applies across blocks, and a bad value deep in the file names its data row."""
+    import pandas as pd
+
+    from pipeline import ingest
+
+    cfg = RunConfig.from_yaml(mini_inputs / "run.yaml")
+    layer = next(l for l in cfg.layers if l.kind == "points")
+    geobox = target_geobox(cfg)
+    whole = ingest._read_point_arrays(layer, cfg, geobox.crs)
+    monkeypatch.setattr(ingest, "CSV_ROWS_PER_BLOCK", 7)
+    blocks = ingest._read_point_arrays(layer, cfg, geobox.crs)
+    for a, b in zip(whole, blocks):
+        np.testing.assert_array_equal(a, b)
+    assert len(whole[0]) == 150 and whole[2].flags.writeable
+
+    df = pd.read_csv(mini_inputs / "samples.csv")
+    queried = layer.model_copy(update={"query": "Cr > 150"})
+    px, py, v = ingest._read_point_arrays(queried, cfg, geobox.crs)
+    assert len(px) == int((df["Cr"] > 150).sum()) > 0
+    np.testing.assert_allclose(np.sort(v[:, 0]), np.sort(df.loc[df["Cr"] > 150, "Cr"].to_numpy()))
+
+    df["Co"] = df["Co"].astype(object)
+    df.loc[131, "Co"] = "bdl"
+    df.to_csv(mini_inputs / "samples.csv", index=False)
+    with pytest.raises(Exception, match=r"'Co'.*'bdl'.*data row 131"):
+        ingest._read_point_arrays(layer, cfg, geobox.crs)
+
+
+def test_cube_on_a_lonlat_grid_end_to_end(mini_inputs, tmp_path, capsys):
+    """`mpm cube` with grid {crs: EPSG:4326, ...}: every layer kind aligns onto the lon/lat grid (odc-geo names
+    its dims latitude/longitude; the cube's are y/x), a projected raster matches its analytic field, and the
+    lon/lat raster aligned onto its own grid (grid.like) keeps its values bitwise."""
+    import rasterio
+    import yaml
+    from pyproj import Transformer
+
+    from pipeline import open_cube
+    from pipeline.cli import main
+
+    to_ll = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True)
+    lon0, lat1 = to_ll.transform(X0 + 300, Y0 - 300)
+    lon1, lat0 = to_ll.transform(X0 + W * RES - 300, Y0 - H * RES + 300)
+    base = yaml.safe_load((mini_inputs / "run.yaml").read_text())
+    grids = {"bounds": {"crs": "EPSG:4326", "resolution": 0.001, "bounds": [lon0, lat0, lon1, lat1], "chunk": 16},
+             "like": {"like": "grav.tif", "chunk": 16}}
+    for how, grid in grids.items():
+        (mini_inputs / f"ll-{how}.yaml").write_text(yaml.safe_dump({**base, "grid": grid}))
+        rc = main(["cube", str(mini_inputs / f"ll-{how}.yaml"), "--out", str(tmp_path / how), "--quiet"])
+        assert rc == 0, capsys.readouterr().err
+        ds = open_cube(tmp_path / how / "cube.zarr")
+        assert ds["evidence"].dims == ("band", "y", "x") and ds.rio.crs.to_epsg() == 4326
+        ev = ds["evidence"].values
+        assert all(np.isfinite(ev[i]).any() for i in range(ev.shape[0])), list(ds.band.values)
+        if how == "bounds":
+            x, y = ds["x"].values, ds["y"].values
+            np.testing.assert_allclose(x, lon0 + 0.001 * (np.arange(len(x)) + 0.5), rtol=0, atol=1e-9)
+            assert np.all(np.diff(y) < 0) and abs(y[0] - (lat1 - 0.0005)) < 1e-9
+            # the UTM magnetics raster against its analytic field at the lon/lat pixel centres
+            gx, gy = np.meshgrid(x, y)
+            ux, uy = Transformer.from_crs("EPSG:4326", UTM, always_xy=True).transform(gx, gy)
+            mag = ds["evidence"].sel(band="mag").values
+            assert np.isfinite(mag).all()
+            assert np.abs(mag - smooth_field(np.asarray(ux), np.asarray(uy))).max() < 0.5
+        else:
+            with rasterio.open(mini_inputs / "grav.tif") as src:
+                raw = src.read(1)
+            got = ds["evidence"].sel(band="grav").values
+            assert got.shape == raw.shape and np.array_equal(got, raw.astype("float32"))
