@@ -577,9 +577,10 @@ def provenance(cfg: RunConfig) -> dict:
 
 def build_cube(cfg: RunConfig) -> xr.Dataset:
     """The lazy evidence cube of a run config (nothing computed; write it with ``write_cube``)."""
-    from .memory import limit_fragmentation
+    from .memory import bound_gdal_cache, limit_fragmentation
 
     limit_fragmentation()  # a cube build runs thousands of chunk-sized temporaries through this process
+    bound_gdal_cache()
     geobox = target_geobox(cfg)
     chunk = cfg.grid.chunk
     bands: list[xr.DataArray] = []

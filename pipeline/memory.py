@@ -46,6 +46,13 @@ def limit_fragmentation() -> bool:
     return True
 
 
+def bound_gdal_cache(mb: int = 64) -> None:
+    """GDAL keeps decoded raster blocks up to GDAL_CACHEMAX (5 % of RAM by default): over a cube build
+    that is every source raster whole. Cap it unless the user chose a value (read once, at GDAL's first
+    block read in this process)."""
+    os.environ.setdefault("GDAL_CACHEMAX", str(mb))
+
+
 def trim() -> None:
     """Give freed heap memory back to the system now (after a large compute)."""
     libc = _libc()

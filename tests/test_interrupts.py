@@ -53,6 +53,10 @@ def write_config(folder: Path, *, seed: int = 0, **cluster) -> Path:
     return path
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """A `mpm run` subprocess in its own session (process group), its output lines collected as they come."""
 
@@ -61,6 +65,9 @@ class Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "run", str(config), "--out", str(out), "--quiet", *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            # a terminal's Ctrl-C: a suite started in the background (`make reliability &`) inherits SIGINT
+            # ignored, and Python then installs no KeyboardInterrupt handler
+            preexec_fn=_default_sigint,
         )
         self.out: list[str] = []
         self.err: list[str] = []
