@@ -29,7 +29,7 @@ import numpy as np
 from typing import Callable
 
 from .config import RunConfig
-from .io import atomic_path, atomic_write_json, clear_stale
+from .io import atomic_path, atomic_write_json, atomic_write_text, clear_stale
 
 MANIFEST = "stages.json"
 
@@ -183,11 +183,19 @@ def train_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, cl
     from .train import train
 
     model = out / "model.pt"
-    run_stage(
-        "train", cfg, out, [model], ("model", "train"),
-        lambda: train(out / "cube.zarr", cfg, out, client=_client(client)),
-        force=force, log=log, upstream=("cube",),
-    )
+
+    def go():
+        # checkpoint.pt resumes an interrupted run of this very stage only: not after --force, a changed
+        # config or a rebuilt cube (a finished checkpoint would otherwise be "resumed" with no training)
+        ckpt, tag = out / "checkpoint.pt", out / "checkpoint.for"
+        want = _hash({"train": stage_key(cfg, ("model", "train")), "cube": _read_manifest(out).get("cube", {})})
+        if ckpt.exists() and (force or not tag.exists() or tag.read_text().strip() != want):
+            log(f"[train] starting afresh: {ckpt.name} belongs to another run")
+            ckpt.unlink()
+        atomic_write_text(tag, want)
+        train(out / "cube.zarr", cfg, out, client=_client(client))
+
+    run_stage("train", cfg, out, [model], ("model", "train"), go, force=force, log=log, upstream=("cube",))
     return {"model": model}
 
 

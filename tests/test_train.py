@@ -148,3 +148,42 @@ def test_one_rank_as_a_task_on_a_worker(tmp_path, cube_path, client):
     summary = json.loads((tmp_path / "w" / "train_summary.json").read_text())
     assert summary["dask"] and len(summary["ranks"]) == 1
     assert load_checkpoint(out)[1]["step"] == 3
+
+
+@pytest.mark.reliability("interrupt", "rerun after --force or a rebuilt cube: trains afresh, never 'resumes' a finished checkpoint")
+def test_train_stage_resumes_only_its_own_interrupted_run(tmp_path, reliability):
+    """checkpoint.pt is resumed by a rerun of the same stage; after --force or a rebuilt cube (the stage is
+    stale) a finished checkpoint must not stand in for training on the new data."""
+    import json
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.runner import train_stage
+
+    out = tmp_path / "run"
+    write_test_cube(out / "cube.zarr")
+    (out / "stages.json").write_text(json.dumps({"cube": {"key": "k", "built": "first"}}))
+    cfg = run_config(train={"epochs": 1})
+    logs: list[str] = []
+    train_stage(cfg, out, log=logs.append, client=None)
+    first = load_checkpoint(out / "checkpoint.pt")[1]["step"]
+    assert first > 0
+
+    # the cube is rebuilt with other values: the stage reruns and must train again from step 0
+    write_test_cube(out / "cube.zarr", seed=5)
+    (out / "stages.json").write_text(json.dumps({**json.loads((out / "stages.json").read_text()),
+                                                 "cube": {"key": "k", "built": "second"}}))
+    logs.clear()
+    train_stage(cfg, out, log=logs.append, client=None)
+    assert any("starting afresh" in l for l in logs), logs
+    w_new = load_checkpoint(out / "model.pt")[0].state_dict()
+
+    # --force: afresh again; same data and seed give the same weights as the run before
+    logs.clear()
+    train_stage(cfg, out, force=True, log=logs.append, client=None)
+    assert any("starting afresh" in l for l in logs), logs
+    w_forced = load_checkpoint(out / "model.pt")[0].state_dict()
+    for k in w_new:
+        torch.testing.assert_close(w_forced[k], w_new[k], rtol=0, atol=0)
+    reliability(observed="after a cube rebuild and after --force the train stage logs 'starting afresh' and trains "
+                         "from step 0 (same data and seed give bitwise the same weights); a plain rerun resumes",
+                kept="model.pt and checkpoint.pt of the new run")
