@@ -6,8 +6,6 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 
 from __future__ import annotations
 
-import os
-import uuid
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import xarray as xr
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .io import atomic_path
 from .models import FusionViTAE, build_model
 
 CHECKPOINT_VERSION = 1
@@ -61,14 +60,8 @@ def save_checkpoint(
         "epoch": int(epoch),
         "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -17,9 +17,6 @@ with the cube and, later, inside every checkpoint. Deposits never enter these st
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np

@@ -22,11 +22,8 @@ thresholds themselves):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import uuid
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -682,13 +679,6 @@ def _jsonable(obj):
 
 def write_metrics(metrics: dict, path: str | Path) -> Path:
     """Write ``metrics`` as JSON atomically (temporary file + rename); NaN/inf become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .io import atomic_write_json
+
+    return atomic_write_json(path, _jsonable(metrics), allow_nan=False)

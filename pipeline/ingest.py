@@ -15,7 +15,6 @@ import hashlib
 import warnings
 from pathlib import Path
 
-import dask
 import dask.array as dsa
 import numpy as np
 import pandas as pd
@@ -322,16 +321,8 @@ def _count_lines(path: Path) -> int:
 def _csv_blocks(path: Path, layer: LayerConfig, usecols):
     """Blocks of a CSV as DataFrames; a parse error becomes a LayerError naming the file."""
     try:
-        reader = pd.read_csv(path, usecols=usecols, chunksize=CSV_ROWS_PER_BLOCK)
-        with reader:
-            while True:
-                try:
-                    df = next(reader)
-                except StopIteration:
-                    return
-                yield df
-    except LayerError:
-        raise
+        with pd.read_csv(path, usecols=usecols, chunksize=CSV_ROWS_PER_BLOCK) as reader:
+            yield from reader
     except Exception as exc:
         raise LayerError(layer.name, f"cannot read CSV {str(path)!r} ({exc})", "check that it is a comma-separated table with a header") from None
 
