@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         )
         print(f"ratio     cube write / raw read = {rate / raw_rate:.3f}")
         print(f"memory    peak RSS {build['peak_rss_mb']:.0f} MB = {build['peak_rss_mb'] / build['cube_mb']:.2f} x the cube size "
-              f"({build['peak_rss_after_build_mb']:.0f} MB once the lazy cube is built: imports and point samples)")
+              f"({build['peak_rss_after_build_mb']:.0f} MB once the lazy cube is built: mostly imports; the point samples wait on disk)")
         result = {
             "size": args.size,
             "bands": build["bands"],

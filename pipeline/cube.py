@@ -29,8 +29,10 @@ from .errors import CubeError, LayerError
 CUBE_VERSION = 1
 BAND_COORDS = ("source", "kind", "transform", "scaling", "file")
 STAT_COORDS = ("center", "scale")
-# Exact statistics up to this many valid pixels per band; a regular subsample beyond it.
-MAX_STAT_PIXELS = 4_000_000
+# Exact statistics up to this many valid pixels per band; a regular subsample beyond it (a median and
+# IQR from 2^20 pixels of a grid are as good as from all of them, and the sample of every band fits in
+# a few tens of MB whatever the province's size).
+MAX_STAT_PIXELS = 2**20
 
 __all__ = [
     "CUBE_VERSION",
@@ -103,18 +105,33 @@ def source_groups(ds: xr.Dataset) -> dict[str, list[str]]:
     return groups
 
 
-def _read_into(part) -> np.ndarray:
-    """A (dask) array read chunk by chunk into one preallocated array: ``np.asarray`` would hold every
-    chunk and then their concatenation (twice the result). Strided chunks are copied so that no view
-    keeps a whole (all-band) chunk alive."""
-    if not hasattr(part, "chunks") or not hasattr(part, "map_blocks"):
-        return np.array(part)
+def _valid_sample(evidence, valid) -> np.ndarray:
+    """Values [band, n] of the pixels where ``valid``, read chunk by chunk into one preallocated array.
+
+    Only valid pixels are kept (a strided read of a sparse study area would hold mostly NaN), each chunk
+    is freed once copied, and the whole cube is read once for all bands. Threads in this process: with a
+    distributed client active the filled array would be a copy on a worker.
+    """
     import dask.array as dsa
 
-    out = np.empty(part.shape, dtype=part.dtype)
-    # threads in this process: with a distributed client active, store() would fill copies of `out` on
-    # the workers and leave this one empty
-    dsa.store(part.map_blocks(np.array, copy=True, dtype=part.dtype), out, lock=False, scheduler="threads")
+    if not hasattr(valid, "map_blocks"):
+        return np.asarray(evidence)[:, np.asarray(valid, dtype=bool)].astype("float32")
+    evidence = evidence.rechunk({0: -1, 1: valid.chunks[0], 2: valid.chunks[1]})
+    counts = valid.map_blocks(lambda b: np.array([[int(np.count_nonzero(b))]]), dtype="int64",
+                              chunks=((1,) * len(valid.chunks[0]), (1,) * len(valid.chunks[1])))
+    counts = counts.compute(scheduler="threads")
+    offsets = np.concatenate([[0], np.cumsum(counts.ravel())])
+    out = np.empty((evidence.shape[0], int(offsets[-1])), dtype="float32")
+    ncols = counts.shape[1]
+
+    def put(e, v, block_info=None):
+        i, j = block_info[None]["chunk-location"]
+        a = int(offsets[i * ncols + j])
+        out[:, a : a + int(counts[i, j])] = e[:, v.astype(bool)]
+        return np.zeros((1, 1), dtype="int8")
+
+    dsa.map_blocks(put, evidence, valid, drop_axis=0, dtype="int8",
+                   chunks=((1,) * len(valid.chunks[0]), (1,) * len(valid.chunks[1]))).compute(scheduler="threads")
     return out
 
 
@@ -122,10 +139,11 @@ def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-band (center, scale) over valid pixels, from each band's ``scaling``.
 
     robust: median and IQR/1.349 (falls back to std, then 1); standard: mean and std; none: 0 and 1.
+    Beyond :data:`MAX_STAT_PIXELS` valid pixels, over a regular subsample (every step-th row and column).
     Raises LayerError for a band with no valid pixel or no variation (it carries no evidence).
     """
-    valid = np.asarray(ds["valid"].values, dtype=bool)
-    n_valid = int(valid.sum())
+    valid = ds["valid"].data
+    n_valid = int(valid.sum().compute(scheduler="threads") if hasattr(valid, "compute") else np.sum(valid))
     if n_valid == 0:
         coverage = {}
         for i, band in enumerate(ds["band"].values.tolist()):
@@ -138,16 +156,10 @@ def compute_stats(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
             "study area with data in every band. Fix: check the grid bounds and mask, and that the layers overlap"
         )
     step = max(1, int(np.ceil(np.sqrt(n_valid / MAX_STAT_PIXELS))))
-    sub_valid = valid[::step, ::step]
-    n_bands = ds.sizes["band"]
-    # every chunk holds all bands: read several bands per pass (~64 MB at a time), not one pass per band
-    per_pass = max(1, int(2**24 // max(sub_valid.size, 1)))
+    sample = _valid_sample(ds["evidence"].data[:, ::step, ::step], valid[::step, ::step])
     centers, scales = [], []
-    sub = None
     for i, band in enumerate(ds["band"].values.tolist()):
-        if i % per_pass == 0:
-            sub = _read_into(ds["evidence"].data[i : min(i + per_pass, n_bands), ::step, ::step])
-        vals = np.asarray(sub[i % per_pass][sub_valid], dtype="float64")
+        vals = sample[i].astype("float64")
         scaling = str(ds["scaling"].values[i])
         if vals.size == 0 or not np.isfinite(vals).any():
             raise LayerError(band, "has no data inside the study area", "check its nodata value and its extent")

@@ -190,10 +190,12 @@ def layer_footprint(layer, cfg: RunConfig, dst_crs: OdcCRS) -> BoundingBox:
     if is_raster(path):
         return raster_footprint(path, layer.name, layer.crs, dst_crs)
     if layer.kind == "points":
-        from .ingest import read_points
+        from .ingest import _point_blocks
 
-        px, py, _ = read_points(layer, cfg, dst_crs)
-        return BoundingBox(px.min(), py.min(), px.max(), py.max(), crs=dst_crs)
+        box = [np.inf, np.inf, -np.inf, -np.inf]  # streamed: a survey of millions of samples is never held
+        for px, py, _ in _point_blocks(layer, cfg, dst_crs):
+            box = [min(box[0], px.min()), min(box[1], py.min()), max(box[2], px.max()), max(box[3], py.max())]
+        return BoundingBox(*box, crs=dst_crs)
     gdf = _read_vector(path, layer.layer, layer.name, layer.crs, layer.query).to_crs(dst_crs.wkt)
     return BoundingBox(*gdf.total_bounds, crs=dst_crs)
 

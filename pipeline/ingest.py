@@ -239,7 +239,32 @@ def _read_point_arrays(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.
     """Samples as arrays: x [N], y [N] in ``dst_crs`` (float64) and values [N, M] (float32, writable).
 
     A CSV is parsed in blocks of :data:`CSV_ROWS_PER_BLOCK` rows straight into preallocated arrays, so the
-    peak memory is the arrays themselves plus one block, whatever the table's size.
+    peak memory is the arrays themselves plus one block, whatever the table's size. (The cube build does
+    not hold them at all: :mod:`pipeline.samples` streams the same blocks to disk.)
+    """
+    path = cfg.resolve(layer.path)
+    cap = _count_lines(path) if path.suffix.lower() in (".csv", ".txt") and path.is_file() else 0
+    px, py = np.empty(cap, dtype="float64"), np.empty(cap, dtype="float64")
+    arr = np.empty((cap, len(layer.columns)), dtype="float32")  # values are gridded to float32 anyway
+    n = 0
+    for bx, by, bv in _point_blocks(layer, cfg, dst_crs):
+        k = len(bx)
+        if n + k > cap:  # a GeoPackage (one block), or a guard against odd files
+            px, py = np.resize(px, n + k), np.resize(py, n + k)
+            arr = np.resize(arr, (n + k, arr.shape[1]))
+            cap = n + k
+        px[n : n + k], py[n : n + k], arr[n : n + k] = bx, by, bv
+        n += k
+    if n < cap // 2:  # a selective query: give the unused rows back
+        return px[:n].copy(), py[:n].copy(), arr[:n].copy()
+    return px[:n], py[:n], arr[:n]
+
+
+def _point_blocks(layer: LayerConfig, cfg: RunConfig, dst_crs):
+    """Cleaned samples in blocks: (x [n], y [n] in ``dst_crs`` float64, values [n, M] float32).
+
+    Raises a LayerError for a bad table, and at the end if no sample was selected or none has
+    finite coordinates.
     """
     from pyproj import Transformer
 
@@ -258,7 +283,8 @@ def _read_point_arrays(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.
             arr[:, j] = _numeric(gdf[c], layer, c)[ok]
         tx = Transformer.from_crs(gdf.crs.to_wkt(), dst, always_xy=True)
         px, py = tx.transform(x[ok], y[ok])
-        return np.asarray(px, dtype="float64"), np.asarray(py, dtype="float64"), _clean_values(arr, layer)
+        yield np.asarray(px, dtype="float64"), np.asarray(py, dtype="float64"), _clean_values(arr, layer)
+        return
 
     try:
         header = list(pd.read_csv(path, nrows=0).columns)
@@ -275,9 +301,6 @@ def _read_point_arrays(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.
     if layer.crs is None:
         raise LayerError(layer.name, "point samples from a CSV have no CRS", "add 'crs: EPSG:4326' (or the CRS of x/y) to the layer")
     tx = Transformer.from_crs(layer.crs, dst, always_xy=True)
-    cap = _count_lines(path)  # an upper bound on the rows: the arrays are allocated once
-    px, py = np.empty(cap, dtype="float64"), np.empty(cap, dtype="float64")
-    arr = np.empty((cap, len(layer.columns)), dtype="float32")  # values are gridded to float32 anyway
     # without a query only the coordinate and value columns are parsed
     wanted = None if layer.query else list(dict.fromkeys([layer.x, layer.y, *layer.columns]))
     n = 0
@@ -290,24 +313,19 @@ def _read_point_arrays(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.
         y = _numeric(df[layer.y], layer, layer.y)
         ok = np.isfinite(x) & np.isfinite(y)
         k = int(ok.sum())
-        if n + k > cap:  # cannot happen with one row per line; kept as a guard against odd files
-            px, py = np.resize(px, 2 * (n + k)), np.resize(py, 2 * (n + k))
-            arr = np.resize(arr, (2 * (n + k), arr.shape[1]))
-            cap = len(px)
+        if not k:
+            continue
         bx, by = tx.transform(x[ok], y[ok])
-        px[n : n + k], py[n : n + k] = bx, by
+        arr = np.empty((k, len(layer.columns)), dtype="float32")
         for j, c in enumerate(layer.columns):
-            arr[n : n + k, j] = _numeric(df[c], layer, c)[ok]
+            arr[:, j] = _numeric(df[c], layer, c)[ok]
+        del df
         n += k
+        yield np.asarray(bx, dtype="float64"), np.asarray(by, dtype="float64"), _clean_values(arr, layer)
     if layer.query and selected == 0:
         raise LayerError(layer.name, f"query {layer.query!r} selects no sample", "relax the query")
     if n == 0:
         raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
-    if n < cap // 2:  # a selective query: give the unused rows back
-        px, py, arr = px[:n].copy(), py[:n].copy(), arr[:n].copy()
-    else:
-        px, py, arr = px[:n], py[:n], arr[:n]
-    return px, py, _clean_values(arr, layer)
 
 
 def _count_lines(path: Path) -> int:
@@ -376,7 +394,7 @@ def _numeric(series: pd.Series, layer: LayerConfig, column: str) -> np.ndarray:
     return num.to_numpy(dtype="float64")
 
 
-def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_distance=None) -> np.ndarray:
+def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_distance=None, exact_within=None):
     """Inverse-distance weighting of samples at grid points (xs [W], ys [H]).
 
     ``values`` is [N] (returns [H, W]) or [N, M] for M value columns sharing the sample locations
@@ -384,6 +402,10 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
     samples among the ``k`` nearest that have a value. A pixel centre that coincides with a sample takes
     its value exactly; pixels with no sample within ``radius`` (or farther than ``max_distance`` from the
     nearest sample) are NaN.
+
+    ``exact_within``: the caller holds only the samples near the block, and none it left out is nearer
+    than this to any pixel. Returns None when some pixel's k-th neighbour is farther than that (the
+    caller must read more samples), so the result is always that of a search over every sample.
     """
     from scipy.spatial import cKDTree
 
@@ -394,26 +416,39 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
     vals2 = values[:, None] if single else values
     gx, gy = np.meshgrid(xs, ys)
     m = vals2.shape[1]
+    bounded = exact_within is not None and np.isfinite(exact_within)
+    if bounded and len(vals2) < k:
+        return None  # fewer than k samples read: the k-th neighbour lies beyond them
     if len(vals2) == 0:
         out = np.full((m, *gx.shape), np.nan, dtype="float32")
         return out[0] if single else out
     tree = cKDTree(np.column_stack([px, py]))
     k = min(k, len(vals2))
     q = np.column_stack([gx.ravel(), gy.ravel()])
-    res = np.empty((len(q), m), dtype="float64")
+    res = np.empty((len(q), m), dtype="float32")
     # pixels in batches: the [pixels, k, columns] temporaries stay a few MB whatever the block size
     step = max(1, 500_000 // (k * m))
     for i in range(0, len(q), step):
-        res[i : i + step] = _idw_batch(tree, vals2, q[i : i + step], k, power, radius, max_distance)
-    out = res.T.reshape(m, *gx.shape).astype("float32")
+        part = _idw_batch(tree, vals2, q[i : i + step], k, power, radius, max_distance, exact_within if bounded else None)
+        if part is None:
+            return None
+        res[i : i + step] = part
+    out = np.ascontiguousarray(res.T).reshape(m, *gx.shape)
     return out[0] if single else out
 
 
-def _idw_batch(tree, vals2, q, k, power, radius, max_distance) -> np.ndarray:
+def _idw_batch(tree, vals2, q, k, power, radius, max_distance, bound=None) -> np.ndarray | None:
     ub = radius if radius is not None else np.inf
     d, idx = tree.query(q, k=k, distance_upper_bound=ub)
     d = d.reshape(-1, k)
     idx = idx.reshape(-1, k)
+    if bound is not None:
+        lim = max_distance if max_distance is not None else radius
+        sure = d[:, -1] <= bound  # nothing unread can be among these k
+        if lim is not None and bound > lim:
+            sure |= ~(d[:, 0] <= lim)  # the nearest is beyond the limit: NaN whatever is unread
+        if not sure.all():
+            return None
     found = np.isfinite(d)
     v = vals2[np.where(found, idx, 0)]  # [P, k, M]
     has = found[..., None] & np.isfinite(v)
@@ -434,62 +469,33 @@ def _idw_batch(tree, vals2, q, k, power, radius, max_distance) -> np.ndarray:
     return res
 
 
-def _idw_map_block(block, px, py, values, x, y, power, k, radius, max_distance, block_info=None):
+def _idw_map_block(block, store, x, y, power, k, radius, max_distance, block_info=None):
+    from .samples import idw_from_store
+
     (r0, r1), (c0, c1) = block_info[None]["array-location"][-2:]
-    xs, ys = x[c0:c1], y[r0:r1]
-    if radius is not None:
-        # only samples that can reach this block take part: a much smaller tree per block
-        near = (px >= xs.min() - radius) & (px <= xs.max() + radius) & (py >= ys.min() - radius) & (py <= ys.max() + radius)
-        px, py, values = px[near], py[near], values[near]
-    return idw_block(px, py, values, xs, ys, power=power, k=k, radius=radius, max_distance=max_distance)
+    return idw_from_store(store, (r0, r1), (c0, c1), x[c0:c1], y[r0:r1], power=power, k=k, radius=radius, max_distance=max_distance)
 
 
-def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
-    px, py, v = _read_point_arrays(layer, cfg, geobox.crs)
-    check_overlap(layer.name, BoundingBox(px.min(), py.min(), px.max() + 1e-9, py.max() + 1e-9, crs=geobox.crs), geobox)
-    v = _transform_samples(v, layer)
-    empty = [c for c, any_ok in zip(layer.columns, np.isfinite(v).any(axis=0)) if not any_ok]
-    if empty:
-        raise LayerError(f"{layer.name}.{empty[0]}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
+def _point_bands(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int, scratch=None) -> list[xr.DataArray]:
+    from .samples import write_sample_store
+
+    # the samples go to disk, sorted by grid block; each block's task reads back the blocks around it
+    store = write_sample_store(layer, _point_blocks(layer, cfg, geobox.crs), geobox, chunk, scratch)
+    xmin, ymin, xmax, ymax = store.bbox
+    try:
+        check_overlap(layer.name, BoundingBox(xmin, ymin, xmax + 1e-9, ymax + 1e-9, crs=geobox.crs), geobox)
+    except BaseException:
+        store.remove()
+        raise
     x, y = geobox_coords(geobox)
     m = len(layer.columns)
     it = layer.interpolation
     k = 1 if it.method == "nearest" else it.k
     # one KD-tree query per block serves every column
     template = dsa.zeros((m, *tuple(geobox.shape)), chunks=(m, chunk, chunk), dtype="float32")
-    arr = dsa.map_blocks(_idw_map_block, template, px, py, v, x, y, it.power, k, it.radius, it.max_distance,
+    arr = dsa.map_blocks(_idw_map_block, template, store, x, y, it.power, k, it.radius, it.max_distance,
                          dtype="float32")
     return [_grid_da(arr[i], geobox) for i in range(m)]
-
-
-def _transform_samples(arr: np.ndarray, layer: LayerConfig) -> np.ndarray:
-    """log / log10 / CLR of sample values [N, M], in place (tables can be millions of rows)."""
-    if layer.transform == "none":
-        return arr
-    if layer.zeros == "half_min":
-        for j in range(arr.shape[1]):
-            col = arr[:, j]
-            pos = col[col > 0]
-            if pos.size:
-                col[col <= 0] = pos.min() / 2
-    nonpos = arr <= 0  # NaN compares False
-    if nonpos.any():
-        bad = [c for c, hit in zip(layer.columns, nonpos.any(axis=0)) if hit]
-        raise LayerError(
-            layer.name,
-            f"transform {layer.transform!r} needs positive values but column(s) {bad} hold values <= 0 "
-            f"(min {np.nanmin(arr):g})",
-            "set 'zeros: half_min', list sentinels under 'missing', or use transform 'none'",
-        )
-    del nonpos
-    if layer.transform == "log10":
-        np.log10(arr, out=arr)
-    else:
-        np.log(arr, out=arr)
-    if layer.transform == "clr":
-        # CLR needs every part of the composition: samples missing a part are left out of all bands
-        arr -= np.mean(arr, axis=1, keepdims=True)
-    return arr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,11 +517,15 @@ def _apply_log(da: xr.DataArray, name: str, base10: bool) -> xr.DataArray:
     return da.copy(data=data)
 
 
-def read_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int) -> list[xr.DataArray]:
-    """All bands of one layer on the target grid (lazy), before cross-band transforms (CLR of rasters)."""
+def read_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int, scratch=None) -> list[xr.DataArray]:
+    """All bands of one layer on the target grid (lazy), before cross-band transforms (CLR of rasters).
+
+    Point samples are held on disk under ``scratch`` (default: the system temporary folder) until the
+    bands are computed; see :mod:`pipeline.samples`.
+    """
     path = cfg.resolve(layer.path)
     if layer.kind == "points":
-        return _point_bands(layer, cfg, geobox, chunk)
+        return _point_bands(layer, cfg, geobox, chunk, scratch)
     if layer.kind in ("distance", "indicator") or (layer.kind == "categorical" and not is_raster(path)):
         return _vector_bands(layer, cfg, geobox, chunk)
     if not is_raster(path):
@@ -566,8 +576,13 @@ def provenance(cfg: RunConfig) -> dict:
     }
 
 
-def build_cube(cfg: RunConfig) -> xr.Dataset:
-    """The lazy evidence cube of a run config (nothing computed; write it with ``write_cube``)."""
+def build_cube(cfg: RunConfig, scratch: str | Path | None = None) -> xr.Dataset:
+    """The lazy evidence cube of a run config (nothing computed; write it with ``write_cube``).
+
+    Point samples wait on disk in a folder under ``scratch`` (default: the system temporary folder),
+    removed when the returned Dataset is garbage-collected or the process exits. Compute the cube on
+    this machine (threads, or a local cluster): workers elsewhere cannot read that folder.
+    """
     from .memory import bound_gdal_cache, limit_fragmentation
 
     limit_fragmentation()  # a cube build runs thousands of chunk-sized temporaries through this process
@@ -577,7 +592,7 @@ def build_cube(cfg: RunConfig) -> xr.Dataset:
     bands: list[xr.DataArray] = []
     meta: list[tuple[str, LayerConfig]] = []
     for layer in cfg.layers:
-        for name, da in zip(layer.band_names, read_layer(layer, cfg, geobox, chunk)):
+        for name, da in zip(layer.band_names, read_layer(layer, cfg, geobox, chunk, scratch)):
             bands.append(da)
             meta.append((name, layer))
     # CLR across the raster bands of each source group that ask for it (point layers did theirs per sample)

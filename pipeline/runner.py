@@ -29,7 +29,7 @@ import numpy as np
 from typing import Callable
 
 from .config import RunConfig
-from .io import atomic_path, atomic_write_json, atomic_write_text, clear_stale
+from .io import atomic_path, atomic_write_json, atomic_write_text, clear_stale, remove_path
 
 MANIFEST = "stages.json"
 
@@ -146,12 +146,22 @@ def build_cube_stage(cfg: RunConfig, out: Path, *, force: bool = False, progress
     from .cube import write_cube
     from .ingest import build_cube, provenance
 
+    from .samples import SCRATCH_PREFIX
+
     path = out / "cube.zarr"
-    run_stage(
-        "cube", cfg, out, [path], ("grid", "layers"),
-        lambda: write_cube(build_cube(cfg), path, progress=progress, provenance=provenance(cfg)),
-        force=force, log=log,
-    )
+
+    def clear_samples():  # point samples on disk while the cube is built (pipeline.samples)
+        for folder in out.glob(f"{SCRATCH_PREFIX}*"):
+            remove_path(folder)
+
+    def build():
+        clear_samples()  # left by a killed build
+        try:
+            return write_cube(build_cube(cfg, scratch=out), path, progress=progress, provenance=provenance(cfg))
+        finally:
+            clear_samples()
+
+    run_stage("cube", cfg, out, [path], ("grid", "layers"), build, force=force, log=log)
     return path
 
 

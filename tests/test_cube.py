@@ -84,15 +84,18 @@ def test_failed_write_leaves_nothing_and_keeps_previous(tmp_path):
 
 
 def test_statistics_are_read_in_this_process_under_a_distributed_client(tmp_path):
-    """compute_stats fills its arrays in place: with a distributed Client active (a notebook's usual state),
-    they must still be filled here, not in copies on the workers."""
+    """compute_stats fills its sample array in place: with a distributed Client active (a notebook's usual
+    state), it must still be filled here, not in copies on the workers; it holds exactly the valid pixels."""
     import distributed
     import dask.array as dsa
 
-    from pipeline.cube import _read_into
+    from pipeline.cube import _valid_sample
 
     a = dsa.from_array(np.arange(6 * 40 * 50, dtype="float32").reshape(6, 40, 50), chunks=(6, 16, 16))
+    v = dsa.from_array(np.random.default_rng(0).random((40, 50)) < 0.4, chunks=(16, 16))
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c, \
             distributed.Client(c):
-        got = _read_into(a[:, ::3, ::2])
-    np.testing.assert_array_equal(got, a.compute()[:, ::3, ::2])
+        got = _valid_sample(a[:, ::3, ::2], v[::3, ::2])
+    want = a.compute()[:, ::3, ::2][:, v.compute()[::3, ::2]]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))

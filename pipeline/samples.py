@@ -1,0 +1,296 @@
+"""Point samples kept on disk, sorted by grid block, for out-of-core gridding.
+
+A province-scale survey holds millions of samples. Held in memory for the whole cube build they were the
+largest single item of its peak memory (100 MB for the 4096^2 synthetic province); here they are
+streamed once from the table into a scratch folder, sorted by the grid block (chunk) they fall in, and
+each IDW task reads back only the blocks around its own:
+
+- pass 1 parses the table in blocks, cleans each block (sentinels, below detection), sorts it by grid
+  block and appends it to a run file, and gathers the statistics the transform needs (smallest positive
+  value per column for ``zeros: half_min``; values <= 0 for the error message);
+- pass 2 reads each run, applies the layer's transform (log, log10, CLR), and scatters it into the final
+  files at each grid block's offset.
+
+Memory is one table block and one run whatever the survey's size. The search is exact: with a
+``radius`` a task reads the blocks within it; without one it reads a ring of blocks and widens it until
+every pixel's k-th neighbour is nearer than anything left unread, so the result is the same k-nearest
+IDW as a search over all samples.
+
+The store is a folder of plain files (``xy.f64``: x, y pairs; ``values.f32``: one row of columns per
+sample) and a small index that pickles with the task, so a local process pool can read it too. It is
+removed when the :class:`SampleStore` that wrote it is garbage-collected or the process exits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+
+import numpy as np
+from odc.geo.geobox import GeoBox
+
+from .errors import LayerError
+
+__all__ = ["SampleStore", "write_sample_store", "idw_from_store"]
+
+SCRATCH_PREFIX = "mpm-samples.tmp-"
+
+
+class SampleStore:
+    """Samples of one layer on disk, grouped by grid block (row-major), with their per-block offsets."""
+
+    def __init__(self, folder: Path, columns: list[str], offsets: np.ndarray, cells: tuple[int, int],
+                 chunk: int, affine, bbox: tuple[float, float, float, float], owner: bool = False):
+        self.folder = Path(folder)
+        self.columns = list(columns)
+        self.offsets = offsets  # int64 [n_blocks + 1]: samples of block b are rows offsets[b]:offsets[b+1]
+        self.cells = cells  # (block rows, block columns) of the grid
+        self.chunk = chunk
+        self.affine = affine
+        self.bbox = bbox  # (xmin, ymin, xmax, ymax) of the samples, in the grid's CRS
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True) if owner else None
+
+    def __reduce__(self):  # copies (pickled to a process) read the files; only the writer removes them
+        return (SampleStore, (self.folder, self.columns, self.offsets, self.cells, self.chunk, self.affine, self.bbox))
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    def remove(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def read(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Samples of grid blocks rows[0]..rows[1] x cols[0]..cols[1] (inclusive): x, y, values [n, M]."""
+        if not (self.folder / "xy.f64").exists():
+            raise LayerError(
+                "points",
+                f"the sample store {str(self.folder)!r} is gone (removed, or not on this machine)",
+                "build the cube in the process (or on the machine) that read the samples",
+            )
+        nb = self.cells[1]
+        spans = [(int(self.offsets[r * nb + cols[0]]), int(self.offsets[r * nb + cols[1] + 1])) for r in range(rows[0], rows[1] + 1)]
+        n = sum(b - a for a, b in spans)
+        m = len(self.columns)
+        xy = np.empty((n, 2), dtype="float64")
+        vals = np.empty((n, m), dtype="float32")
+        fxy = os.open(self.folder / "xy.f64", os.O_RDONLY)
+        fv = os.open(self.folder / "values.f32", os.O_RDONLY)
+        try:
+            i = 0
+            for a, b in spans:
+                if b > a:
+                    _pread_into(fxy, xy[i : i + b - a], a * 16)
+                    _pread_into(fv, vals[i : i + b - a], a * 4 * m)
+                    i += b - a
+        finally:
+            os.close(fxy)
+            os.close(fv)
+        return xy[:, 0], xy[:, 1], vals
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    view = memoryview(out.reshape(-1).view("uint8"))
+    done = 0
+    while done < len(view):
+        k = os.preadv(fd, [view[done:]], offset + done)
+        if k <= 0:
+            raise OSError(f"short read from the sample store at byte {offset + done}")
+        done += k
+
+
+def _pwrite(fd: int, arr: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(arr).reshape(-1).view("uint8"))
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _block_of(px: np.ndarray, py: np.ndarray, geobox: GeoBox, chunk: int, cells: tuple[int, int]) -> np.ndarray:
+    """Row-major grid-block index of each sample; samples off the grid go to the nearest edge block."""
+    inv = ~geobox.affine
+    with np.errstate(invalid="ignore"):  # coordinates a CRS cannot hold are inf; the overlap check names them
+        col = np.nan_to_num(np.floor((inv.a * px + inv.b * py + inv.c) / chunk), nan=0.0)
+        row = np.nan_to_num(np.floor((inv.d * px + inv.e * py + inv.f) / chunk), nan=0.0)
+    br = np.clip(row, 0, cells[0] - 1).astype("int64")
+    bc = np.clip(col, 0, cells[1] - 1).astype("int64")
+    return br * cells[1] + bc
+
+
+class _Stats:
+    """What pass 1 learns about the cleaned values, for the transform's checks and ``half_min``."""
+
+    def __init__(self, m: int):
+        self.n = 0
+        self.min_pos = np.full(m, np.inf)
+        self.nonpos = np.zeros(m, dtype=bool)
+        self.min_nonpos = np.inf
+        self.bbox = [np.inf, np.inf, -np.inf, -np.inf]
+
+    def add(self, px, py, v) -> None:
+        self.n += len(px)
+        self.bbox = [min(self.bbox[0], px.min()), min(self.bbox[1], py.min()), max(self.bbox[2], px.max()), max(self.bbox[3], py.max())]
+        for j in range(v.shape[1]):
+            col = v[:, j]
+            pos = col[col > 0]
+            if pos.size:
+                self.min_pos[j] = min(self.min_pos[j], float(pos.min()))
+            bad = col <= 0  # NaN compares False
+            if bad.any():
+                self.nonpos[j] = True
+                self.min_nonpos = min(self.min_nonpos, float(col[bad].min()))
+
+
+def write_sample_store(layer, blocks, geobox: GeoBox, chunk: int, scratch: str | Path | None = None) -> SampleStore:
+    """Stream cleaned sample blocks ``(x, y, values)`` into a store sorted by grid block; apply the transform.
+
+    Raises the layer's transform errors (values <= 0 under log/CLR, a column with no valid sample)
+    before anything is gridded. The folder is made under ``scratch`` (default: the system temporary
+    folder) as ``mpm-samples.tmp-<hex>``.
+    """
+    cells = (math.ceil(geobox.shape[0] / chunk), math.ceil(geobox.shape[1] / chunk))
+    nblocks = cells[0] * cells[1]
+    base = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    folder = base / f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        return _write(layer, blocks, geobox, chunk, cells, nblocks, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _write(layer, blocks, geobox, chunk, cells, nblocks, folder: Path) -> SampleStore:
+    m = len(layer.columns)
+    stats = _Stats(m)
+    runs: list[tuple[int, np.ndarray]] = []  # (first row in the run files, samples per grid block)
+    with open(folder / "runs.xy", "wb") as fxy, open(folder / "runs.v", "wb") as fv:
+        for px, py, v in blocks:
+            if not len(px):
+                continue
+            stats.add(px, py, v)
+            b = _block_of(px, py, geobox, chunk, cells)
+            order = np.argsort(b, kind="stable")
+            np.column_stack([px[order], py[order]]).tofile(fxy)
+            np.ascontiguousarray(v[order]).tofile(fv)
+            runs.append((stats.n - len(px), np.bincount(b, minlength=nblocks)))
+            del b, order
+    _check_transform(layer, stats)
+    counts = np.zeros(nblocks, dtype="int64")
+    for _, c in runs:
+        counts += c
+    offsets = np.zeros(nblocks + 1, dtype="int64")
+    np.cumsum(counts, out=offsets[1:])
+    cursor = offsets[:-1].copy()
+    half_min = np.where(np.isfinite(stats.min_pos), stats.min_pos / 2, np.nan) if layer.zeros == "half_min" else None
+    finite = np.zeros(m, dtype=bool)
+    rxy, rv = os.open(folder / "runs.xy", os.O_RDONLY), os.open(folder / "runs.v", os.O_RDONLY)
+    wxy = os.open(folder / "xy.f64", os.O_WRONLY | os.O_CREAT, 0o644)
+    wv = os.open(folder / "values.f32", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for start, c in runs:
+            k = int(c.sum())
+            xy = np.empty((k, 2), dtype="float64")
+            v = np.empty((k, m), dtype="float32")
+            _pread_into(rxy, xy, start * 16)
+            _pread_into(rv, v, start * 4 * m)
+            v = transform_samples(v, layer, half_min)
+            finite |= np.isfinite(v).any(axis=0)
+            i = 0
+            for blk in np.flatnonzero(c):  # the run is sorted by block: one slice per block it touches
+                j = i + int(c[blk])
+                _pwrite(wxy, xy[i:j], int(cursor[blk]) * 16)
+                _pwrite(wv, v[i:j], int(cursor[blk]) * 4 * m)
+                cursor[blk] += j - i
+                i = j
+    finally:
+        for fd in (rxy, rv, wxy, wv):
+            os.close(fd)
+    (folder / "runs.xy").unlink()
+    (folder / "runs.v").unlink()
+    empty = [c for c, ok in zip(layer.columns, finite) if not ok]
+    if empty:
+        raise LayerError(f"{layer.name}.{empty[0]}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
+    return SampleStore(folder, layer.columns, offsets, cells, chunk, geobox.affine, tuple(stats.bbox), owner=True)
+
+
+def _check_transform(layer, stats: _Stats) -> None:
+    if stats.n == 0:
+        raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
+    if layer.transform == "none":
+        return
+    bad = stats.nonpos.copy()
+    if layer.zeros == "half_min":
+        bad &= ~np.isfinite(stats.min_pos)  # zeros become half the column's smallest positive value
+    if bad.any():
+        cols = [c for c, hit in zip(layer.columns, bad) if hit]
+        raise LayerError(
+            layer.name,
+            f"transform {layer.transform!r} needs positive values but column(s) {cols} hold values <= 0 "
+            f"(min {stats.min_nonpos:g})",
+            "set 'zeros: half_min', list sentinels under 'missing', or use transform 'none'",
+        )
+
+
+def transform_samples(arr: np.ndarray, layer, half_min: np.ndarray | None = None) -> np.ndarray:
+    """log / log10 / CLR of sample values [N, M], in place; ``half_min`` replaces values <= 0 per column."""
+    if layer.transform == "none":
+        return arr
+    if half_min is not None:
+        for j in range(arr.shape[1]):
+            col = arr[:, j]
+            if np.isfinite(half_min[j]):
+                col[col <= 0] = half_min[j]
+    if layer.transform == "log10":
+        np.log10(arr, out=arr)
+    else:
+        np.log(arr, out=arr)
+    if layer.transform == "clr":
+        # CLR needs every part of the composition: samples missing a part are left out of all bands
+        arr -= np.mean(arr, axis=1, keepdims=True)
+    return arr
+
+
+def idw_from_store(store: SampleStore, rows: tuple[int, int], cols: tuple[int, int], xs: np.ndarray, ys: np.ndarray, *,
+                   power: float, k: int, radius: float | None, max_distance: float | None) -> np.ndarray:
+    """IDW [M, H, W] of the pixels ``rows`` x ``cols`` (pixel ranges of one grid block) from ``store``.
+
+    Exact k-nearest: the blocks read are widened until no unread sample can be nearer than any pixel's
+    k-th neighbour (or, with ``radius``, until the radius is covered).
+    """
+    from .ingest import idw_block
+
+    c = store.chunk
+    br, bc = rows[0] // c, cols[0] // c
+    br1, bc1 = (rows[1] - 1) // c, (cols[1] - 1) // c
+    a = store.affine
+    cell_w, cell_h = abs(a.a) * c, abs(a.e) * c
+    nr, nc = store.cells
+    if radius is not None:
+        margin = max(math.ceil(radius / cell_w), math.ceil(radius / cell_h))
+    else:
+        margin = 1
+    while True:
+        r0, r1 = max(br - margin, 0), min(br1 + margin, nr - 1)
+        c0, c1 = max(bc - margin, 0), min(bc1 + margin, nc - 1)
+        px, py, vals = store.read((r0, r1), (c0, c1))
+        if radius is not None:
+            return idw_block(px, py, vals, xs, ys, power=power, k=k, radius=radius, max_distance=max_distance)
+        # nothing unread is nearer than this to any pixel of the block (inf where the read reaches the edge)
+        bound = min(
+            np.inf if r0 == 0 else (br - r0) * cell_h,
+            np.inf if r1 == nr - 1 else (r1 - br1) * cell_h,
+            np.inf if c0 == 0 else (bc - c0) * cell_w,
+            np.inf if c1 == nc - 1 else (c1 - bc1) * cell_w,
+        )
+        out = idw_block(px, py, vals, xs, ys, power=power, k=k, radius=None, max_distance=max_distance, exact_within=bound)
+        if out is not None:
+            return out
+        margin *= 2
