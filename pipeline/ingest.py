@@ -61,7 +61,7 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
     """
     import rasterio
     import rioxarray
-    from odc.geo.xr import xr_reproject
+    from rasterio.crs import CRS
 
     path = cfg.resolve(layer.path)
     ensure_input_exists(path, layer.name)
@@ -88,10 +88,12 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
         # +-inf (a division by zero upstream, an overflow) is no data: never evidence, and never spread into
         # its neighbours by the resampling
         da = da.where(np.isfinite(da))
+    half_min = None
     if layer.zeros == "half_min" and layer.transform != "none":
         # one read of the source band (not of the aligned grid) to find its smallest positive value
         min_pos = float(da.where(da > 0).min().compute())
-        da = da.where(~(da <= 0), np.float32(min_pos / 2))
+        half_min = np.float32(min_pos / 2)
+        da = da.where(~(da <= 0), half_min)
     # a rough source resolution in target units decides between bilinear and average
     if da.rio.crs.is_geographic != geobox.crs.geographic:
         src_res_dst = (bbox.right - bbox.left) / max(da.sizes["x"], 1)
@@ -104,13 +106,63 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
         # CRS's lat/lon axis order and moves values by ~1e-11), the values stay bitwise identical
         out = da.chunk({"y": chunk, "x": chunk})
     else:
-        out = xr_reproject(da, geobox, resampling=resampling, chunks=(chunk, chunk), dst_nodata=np.nan)
-        # odc-geo names the dims ('latitude', 'longitude') on a geographic grid
-        out = out.rename({out.dims[-2]: "y", out.dims[-1]: "x"})
+        # each grid chunk reads and warps its own source window: no source chunk is shared between grid
+        # chunks, so the scheduler never holds warped chunks that wait for the rest of their cube chunk
+        template = dsa.zeros(tuple(geobox.shape), chunks=(chunk, chunk), dtype="float32")
+        mask = _SourceMask(layer.nodata, np.issubdtype(np.dtype(dtype), np.floating), half_min)
+        data = dsa.map_blocks(_warp_block, template, str(path), layer.band, (src_crs or CRS.from_user_input(layer.crs)).to_wkt(),
+                              mask, geobox, resampling, dtype="float32")
+        out = _grid_da(data, geobox)
     x, y = geobox_coords(geobox)
     out = out.drop_vars([c for c in out.coords if c not in ("x", "y")]).assign_coords(x=x, y=y)
     out.attrs = {}
     return out.astype("float32")
+
+
+class _SourceMask:
+    """What counts as no data in a source window beyond the file's nodata (the layer's ``nodata``, +-inf
+    in float rasters) and the ``half_min`` value for values <= 0."""
+
+    def __init__(self, nodata, is_float: bool, half_min):
+        self.nodata, self.is_float, self.half_min = nodata, is_float, half_min
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        if self.nodata is not None:
+            a[a == np.float32(self.nodata)] = np.nan
+        if self.is_float:
+            a[np.isinf(a)] = np.nan
+        if self.half_min is not None:
+            a[a <= 0] = self.half_min
+        return a
+
+
+def _warp_block(block, path: str, band: int, src_crs: str, mask: _SourceMask, geobox: GeoBox, resampling: str,
+                block_info=None) -> np.ndarray:
+    """One grid chunk of a raster: read the source window that covers it (with a margin for the
+    resampling kernel), set no data to NaN, and warp it with GDAL onto the chunk."""
+    import rasterio
+    from rasterio.warp import Resampling, reproject, transform_bounds
+    from rasterio.windows import Window
+
+    (r0, r1), (c0, c1) = block_info[None]["array-location"]
+    dst = geobox[r0:r1, c0:c1]
+    out = np.full(dst.shape, np.nan, dtype="float32")
+    with rasterio.open(path) as src:
+        bounds = transform_bounds(dst.crs.wkt, src_crs, *dst.boundingbox, densify_pts=21)
+        inv = ~src.transform
+        cols, rows = zip(*(inv * (x, y) for x in bounds[0::2] for y in bounds[1::2]))
+        # margin: the resampling kernel reaches a few source pixels beyond the chunk's footprint
+        pad = 3
+        col0, col1 = max(int(np.floor(min(cols))) - pad, 0), min(int(np.ceil(max(cols))) + pad, src.width)
+        row0, row1 = max(int(np.floor(min(rows))) - pad, 0), min(int(np.ceil(max(rows))) + pad, src.height)
+        if col1 <= col0 or row1 <= row0:
+            return out
+        win = Window(col0, row0, col1 - col0, row1 - row0)
+        a = src.read(band, window=win, out_dtype="float32", masked=True).filled(np.nan)
+        src_transform = src.window_transform(win)
+    reproject(mask(a), out, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
+              dst_transform=dst.affine, dst_crs=dst.crs.wkt, dst_nodata=np.nan, resampling=Resampling[resampling])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,19 +173,28 @@ def _grid_da(arr: dsa.Array, geobox: GeoBox) -> xr.DataArray:
     return xr.DataArray(arr, dims=("y", "x"), coords={"y": y, "x": x})
 
 
-def _feature_pixels(geoms, geobox: GeoBox) -> np.ndarray:
+def _feature_pixels(geoms, geobox: GeoBox, strip_pixels: int = 2**23) -> np.ndarray:
     """Centres (x, y) [P, 2] of the pixels the features touch; for areas, only their edge pixels.
 
     The nearest touched pixel to any pixel outside an area lies on its edge, so edge pixels give the
-    same distances as all of them, with far fewer points.
+    same distances as all of them, with far fewer points. The grid is rasterised in strips of rows
+    (about ``strip_pixels`` pixels, plus one row above and below for the edge test), so memory does not
+    grow with the grid.
     """
     from scipy.ndimage import binary_erosion
 
-    hit = _rasterize(geoms, geobox, all_touched=True)
-    edge = hit & ~binary_erosion(hit, border_value=0)
-    rows, cols = np.nonzero(edge)
+    h, w = geobox.shape
+    rows_per_strip = max(16, strip_pixels // max(w, 1))
     t = geobox.transform
-    return np.column_stack([t.c + t.a * (cols + 0.5), t.f + t.e * (rows + 0.5)])
+    parts = []
+    for r0 in range(0, h, rows_per_strip):
+        r1 = min(r0 + rows_per_strip, h)
+        a, b = max(r0 - 1, 0), min(r1 + 1, h)  # one halo row each side (none at the grid's own edges)
+        hit = _rasterize(geoms, geobox[a:b, :], all_touched=True)
+        edge = (hit & ~binary_erosion(hit, border_value=0))[r0 - a : r1 - a]
+        rows, cols = np.nonzero(edge)
+        parts.append(np.column_stack([t.c + t.a * (cols + 0.5), t.f + t.e * (rows + r0 + 0.5)]))
+    return np.concatenate(parts) if parts else np.empty((0, 2))
 
 
 def _distance_block(block, pts, inside_geoms, geobox: GeoBox, block_info=None) -> np.ndarray:
@@ -414,26 +475,29 @@ def idw_block(px, py, values, xs, ys, *, power=2.0, k=12, radius=None, max_dista
         values = values.astype("float64")
     single = values.ndim == 1
     vals2 = values[:, None] if single else values
-    gx, gy = np.meshgrid(xs, ys)
+    xs, ys = np.asarray(xs, dtype="float64"), np.asarray(ys, dtype="float64")
+    h, w = len(ys), len(xs)
     m = vals2.shape[1]
     bounded = exact_within is not None and np.isfinite(exact_within)
     if bounded and len(vals2) < k:
         return None  # fewer than k samples read: the k-th neighbour lies beyond them
+    out = np.full((m, h * w), np.nan, dtype="float32")
     if len(vals2) == 0:
-        out = np.full((m, *gx.shape), np.nan, dtype="float32")
+        out = out.reshape(m, h, w)
         return out[0] if single else out
     tree = cKDTree(np.column_stack([px, py]))
     k = min(k, len(vals2))
-    q = np.column_stack([gx.ravel(), gy.ravel()])
-    res = np.empty((len(q), m), dtype="float32")
-    # pixels in batches: the [pixels, k, columns] temporaries stay a few MB whatever the block size
+    # pixels in batches, their coordinates made per batch: the [pixels, k, columns] temporaries stay a
+    # few MB whatever the block size
     step = max(1, 500_000 // (k * m))
-    for i in range(0, len(q), step):
-        part = _idw_batch(tree, vals2, q[i : i + step], k, power, radius, max_distance, exact_within if bounded else None)
+    for i in range(0, h * w, step):
+        flat = np.arange(i, min(i + step, h * w))
+        q = np.column_stack([xs[flat % w], ys[flat // w]])
+        part = _idw_batch(tree, vals2, q, k, power, radius, max_distance, exact_within if bounded else None)
         if part is None:
             return None
-        res[i : i + step] = part
-    out = np.ascontiguousarray(res.T).reshape(m, *gx.shape)
+        out[:, i : i + len(flat)] = part.T
+    out = out.reshape(m, h, w)
     return out[0] if single else out
 
 

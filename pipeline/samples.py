@@ -1,18 +1,18 @@
-"""Point samples kept on disk, sorted by grid block, for out-of-core gridding.
+"""Point samples kept on disk, sorted by grid cell, for out-of-core gridding.
 
 A province-scale survey holds millions of samples. Held in memory for the whole cube build they were the
 largest single item of its peak memory (100 MB for the 4096^2 synthetic province); here they are
-streamed once from the table into a scratch folder, sorted by the grid block (chunk) they fall in, and
-each IDW task reads back only the blocks around its own:
+streamed once from the table into a scratch folder, sorted by the grid cell (a quarter of a chunk a
+side) they fall in, and each IDW task reads back only the cells around its own block:
 
-- pass 1 parses the table in blocks, cleans each block (sentinels, below detection), sorts it by grid
-  block and appends it to a run file, and gathers the statistics the transform needs (smallest positive
+- pass 1 parses the table in blocks, cleans each block (sentinels, below detection), sorts it by cell
+  and appends it to a run file, and gathers the statistics the transform needs (smallest positive
   value per column for ``zeros: half_min``; values <= 0 for the error message);
 - pass 2 reads each run, applies the layer's transform (log, log10, CLR), and scatters it into the final
-  files at each grid block's offset.
+  files at each cell's offset.
 
 Memory is one table block and one run whatever the survey's size. The search is exact: with a
-``radius`` a task reads the blocks within it; without one it reads a ring of blocks and widens it until
+``radius`` a task reads the cells within it; without one it reads a ring of cells and widens it until
 every pixel's k-th neighbour is nearer than anything left unread, so the result is the same k-nearest
 IDW as a search over all samples.
 
@@ -42,21 +42,21 @@ SCRATCH_PREFIX = "mpm-samples.tmp-"
 
 
 class SampleStore:
-    """Samples of one layer on disk, grouped by grid block (row-major), with their per-block offsets."""
+    """Samples of one layer on disk, grouped by grid cell (row-major), with their per-cell offsets."""
 
     def __init__(self, folder: Path, columns: list[str], offsets: np.ndarray, cells: tuple[int, int],
-                 chunk: int, affine, bbox: tuple[float, float, float, float], owner: bool = False):
+                 cell: int, affine, bbox: tuple[float, float, float, float], owner: bool = False):
         self.folder = Path(folder)
         self.columns = list(columns)
-        self.offsets = offsets  # int64 [n_blocks + 1]: samples of block b are rows offsets[b]:offsets[b+1]
-        self.cells = cells  # (block rows, block columns) of the grid
-        self.chunk = chunk
+        self.offsets = offsets  # int64 [n_cells + 1]: samples of cell b are rows offsets[b]:offsets[b+1]
+        self.cells = cells  # (cell rows, cell columns) over the grid
+        self.cell = cell  # cell size in pixels (a fraction of the chunk: a task reads little beyond its block)
         self.affine = affine
         self.bbox = bbox  # (xmin, ymin, xmax, ymax) of the samples, in the grid's CRS
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True) if owner else None
 
     def __reduce__(self):  # copies (pickled to a process) read the files; only the writer removes them
-        return (SampleStore, (self.folder, self.columns, self.offsets, self.cells, self.chunk, self.affine, self.bbox))
+        return (SampleStore, (self.folder, self.columns, self.offsets, self.cells, self.cell, self.affine, self.bbox))
 
     @property
     def n(self) -> int:
@@ -67,7 +67,7 @@ class SampleStore:
             self._finalizer()
 
     def read(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Samples of grid blocks rows[0]..rows[1] x cols[0]..cols[1] (inclusive): x, y, values [n, M]."""
+        """Samples of cells rows[0]..rows[1] x cols[0]..cols[1] (inclusive): x, y, values [n, M]."""
         if not (self.folder / "xy.f64").exists():
             raise LayerError(
                 "points",
@@ -112,12 +112,12 @@ def _pwrite(fd: int, arr: np.ndarray, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _block_of(px: np.ndarray, py: np.ndarray, geobox: GeoBox, chunk: int, cells: tuple[int, int]) -> np.ndarray:
-    """Row-major grid-block index of each sample; samples off the grid go to the nearest edge block."""
-    inv = ~geobox.affine
+def _cell_of(px: np.ndarray, py: np.ndarray, affine, cell: int, cells: tuple[int, int]) -> np.ndarray:
+    """Row-major cell index of each sample; samples off the grid go to the nearest edge cell."""
+    inv = ~affine
     with np.errstate(invalid="ignore"):  # coordinates a CRS cannot hold are inf; the overlap check names them
-        col = np.nan_to_num(np.floor((inv.a * px + inv.b * py + inv.c) / chunk), nan=0.0)
-        row = np.nan_to_num(np.floor((inv.d * px + inv.e * py + inv.f) / chunk), nan=0.0)
+        col = np.nan_to_num(np.floor((inv.a * px + inv.b * py + inv.c) / cell), nan=0.0)
+        row = np.nan_to_num(np.floor((inv.d * px + inv.e * py + inv.f) / cell), nan=0.0)
     br = np.clip(row, 0, cells[0] - 1).astype("int64")
     bc = np.clip(col, 0, cells[1] - 1).astype("int64")
     return br * cells[1] + bc
@@ -147,47 +147,54 @@ class _Stats:
                 self.min_nonpos = min(self.min_nonpos, float(col[bad].min()))
 
 
+def cell_size(chunk: int) -> int:
+    """Store cells of a quarter chunk (at least 16 px): a block's task reads its own samples and a
+    margin of at most a quarter chunk around them, not whole neighbouring blocks."""
+    return max(16, chunk // 4) if chunk >= 32 else chunk
+
+
 def write_sample_store(layer, blocks, geobox: GeoBox, chunk: int, scratch: str | Path | None = None) -> SampleStore:
-    """Stream cleaned sample blocks ``(x, y, values)`` into a store sorted by grid block; apply the transform.
+    """Stream cleaned sample blocks ``(x, y, values)`` into a store sorted by grid cell; apply the transform.
 
     Raises the layer's transform errors (values <= 0 under log/CLR, a column with no valid sample)
     before anything is gridded. The folder is made under ``scratch`` (default: the system temporary
     folder) as ``mpm-samples.tmp-<hex>``.
     """
-    cells = (math.ceil(geobox.shape[0] / chunk), math.ceil(geobox.shape[1] / chunk))
-    nblocks = cells[0] * cells[1]
+    cell = cell_size(chunk)
+    cells = (math.ceil(geobox.shape[0] / cell), math.ceil(geobox.shape[1] / cell))
     base = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     folder = base / f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     try:
-        return _write(layer, blocks, geobox, chunk, cells, nblocks, folder)
+        return _write(layer, blocks, geobox.affine, cell, cells, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _write(layer, blocks, geobox, chunk, cells, nblocks, folder: Path) -> SampleStore:
+def _write(layer, blocks, affine, cell: int, cells: tuple[int, int], folder: Path) -> SampleStore:
     m = len(layer.columns)
+    ncells = cells[0] * cells[1]
     stats = _Stats(m)
-    runs: list[tuple[int, np.ndarray]] = []  # (first row in the run files, samples per grid block)
+    runs: list[tuple[int, int]] = []  # (first row, rows) of each run in the run files, sorted by cell
+    counts = np.zeros(ncells, dtype="int64")
     with open(folder / "runs.xy", "wb") as fxy, open(folder / "runs.v", "wb") as fv:
         for px, py, v in blocks:
             if not len(px):
                 continue
             stats.add(px, py, v)
-            b = _block_of(px, py, geobox, chunk, cells)
+            b = _cell_of(px, py, affine, cell, cells)
             order = np.argsort(b, kind="stable")
             np.column_stack([px[order], py[order]]).tofile(fxy)
             np.ascontiguousarray(v[order]).tofile(fv)
-            runs.append((stats.n - len(px), np.bincount(b, minlength=nblocks)))
+            counts += np.bincount(b, minlength=ncells)
+            runs.append((stats.n - len(px), len(px)))
             del b, order
     _check_transform(layer, stats)
-    counts = np.zeros(nblocks, dtype="int64")
-    for _, c in runs:
-        counts += c
-    offsets = np.zeros(nblocks + 1, dtype="int64")
+    offsets = np.zeros(ncells + 1, dtype="int64")
     np.cumsum(counts, out=offsets[1:])
+    del counts
     cursor = offsets[:-1].copy()
     half_min = np.where(np.isfinite(stats.min_pos), stats.min_pos / 2, np.nan) if layer.zeros == "half_min" else None
     finite = np.zeros(m, dtype=bool)
@@ -195,21 +202,21 @@ def _write(layer, blocks, geobox, chunk, cells, nblocks, folder: Path) -> Sample
     wxy = os.open(folder / "xy.f64", os.O_WRONLY | os.O_CREAT, 0o644)
     wv = os.open(folder / "values.f32", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        for start, c in runs:
-            k = int(c.sum())
+        for start, k in runs:
             xy = np.empty((k, 2), dtype="float64")
             v = np.empty((k, m), dtype="float32")
             _pread_into(rxy, xy, start * 16)
             _pread_into(rv, v, start * 4 * m)
             v = transform_samples(v, layer, half_min)
             finite |= np.isfinite(v).any(axis=0)
-            i = 0
-            for blk in np.flatnonzero(c):  # the run is sorted by block: one slice per block it touches
-                j = i + int(c[blk])
-                _pwrite(wxy, xy[i:j], int(cursor[blk]) * 16)
-                _pwrite(wv, v[i:j], int(cursor[blk]) * 4 * m)
-                cursor[blk] += j - i
-                i = j
+            b = _cell_of(xy[:, 0], xy[:, 1], affine, cell, cells)  # sorted: the run was written in cell order
+            starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+            ends = np.r_[starts[1:], k]
+            for i, j in zip(starts.tolist(), ends.tolist()):  # one slice per cell the run touches
+                c = int(b[i])
+                _pwrite(wxy, xy[i:j], int(cursor[c]) * 16)
+                _pwrite(wv, v[i:j], int(cursor[c]) * 4 * m)
+                cursor[c] += j - i
     finally:
         for fd in (rxy, rv, wxy, wv):
             os.close(fd)
@@ -218,7 +225,7 @@ def _write(layer, blocks, geobox, chunk, cells, nblocks, folder: Path) -> Sample
     empty = [c for c, ok in zip(layer.columns, finite) if not ok]
     if empty:
         raise LayerError(f"{layer.name}.{empty[0]}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
-    return SampleStore(folder, layer.columns, offsets, cells, chunk, geobox.affine, tuple(stats.bbox), owner=True)
+    return SampleStore(folder, layer.columns, offsets, cells, cell, affine, tuple(stats.bbox), owner=True)
 
 
 def _check_transform(layer, stats: _Stats) -> None:
@@ -262,12 +269,12 @@ def idw_from_store(store: SampleStore, rows: tuple[int, int], cols: tuple[int, i
                    power: float, k: int, radius: float | None, max_distance: float | None) -> np.ndarray:
     """IDW [M, H, W] of the pixels ``rows`` x ``cols`` (pixel ranges of one grid block) from ``store``.
 
-    Exact k-nearest: the blocks read are widened until no unread sample can be nearer than any pixel's
+    Exact k-nearest: the cells read are widened until no unread sample can be nearer than any pixel's
     k-th neighbour (or, with ``radius``, until the radius is covered).
     """
     from .ingest import idw_block
 
-    c = store.chunk
+    c = store.cell
     br, bc = rows[0] // c, cols[0] // c
     br1, bc1 = (rows[1] - 1) // c, (cols[1] - 1) // c
     a = store.affine

@@ -218,3 +218,27 @@ def test_cube_on_a_lonlat_grid_end_to_end(mini_inputs, tmp_path, capsys):
                 raw = src.read(1)
             got = ds["evidence"].sel(band="grav").values
             assert got.shape == raw.shape and np.array_equal(got, raw.astype("float32"))
+
+
+def test_feature_pixels_in_strips_equal_the_whole_grid():
+    """Distance bands find their feature (edge) pixels strip by strip: the same pixels as one
+    rasterisation of the whole grid, for polygons that cross strip boundaries, lines and the grid edge.
+    (A line through pixel corners exactly can touch a neighbouring pixel instead: GDAL's all-touched test
+    at a corner depends on the window's origin. The coordinates here are off the pixel lattice.)"""
+    from odc.geo.geobox import GeoBox
+    from shapely.geometry import LineString, Point, box
+
+    from pipeline.ingest import _feature_pixels
+
+    gb = GeoBox.from_bbox((X0, Y0 - 70 * RES, X0 + 90 * RES, Y0), UTM, resolution=RES)
+    geoms = [
+        box(X0 + 517.3, Y0 - 5311.9, X0 + 3733.7, Y0 - 1921.1),  # spans several strips
+        Point(X0 + 6013.3, Y0 - 3021.7).buffer(1500),
+        box(X0 - 1000, Y0 - 7500, X0 + 1231.3, Y0 - 6411.3),  # crosses the grid's edge
+        LineString([(X0 - 517.3, Y0 - 123.7), (X0 + 9431.1, Y0 - 6877.9)]),
+    ]
+    whole = _feature_pixels(geoms, gb, strip_pixels=10**9)
+    assert len(whole) > 100
+    key = lambda a: a[np.lexsort((a[:, 0], a[:, 1]))]
+    for rows in (16, 20, 33):  # strips that end on, inside and across the features' edges
+        np.testing.assert_array_equal(key(whole), key(_feature_pixels(geoms, gb, strip_pixels=rows * 90)))

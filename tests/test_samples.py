@@ -65,6 +65,8 @@ def _grid_from_store(store, geobox, chunk, **kw):
         dict(n=60, spread=1.0, chunk=8, radius=None, max_distance=1500.0, k=5),  # sparse: wide rings
         dict(n=50, clustered=True, chunk=8, radius=None, max_distance=None, k=12),
         dict(n=5, spread=1.0, chunk=16, radius=None, max_distance=None, k=12),  # fewer samples than k
+        dict(n=400, spread=1.2, chunk=64, radius=None, max_distance=None, k=8),  # cells of a quarter chunk
+        dict(n=300, spread=1.0, chunk=48, radius=2500.0, max_distance=None, k=8),  # radius over several cells
     ],
 )
 def test_store_idw_equals_idw_over_all_samples(tmp_path, case):
