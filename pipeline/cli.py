@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
-    # odc-geo hands rasterio's warp arrays with their transforms given separately: the warning is noise
+    # rasterio warns when it warps in-memory arrays (ingest._warp_block) whose transforms are given separately: noise
     warnings.filterwarnings("ignore", message="Dataset has no geotransform", module="rasterio")
     try:
         return args.func(args)

@@ -24,7 +24,6 @@ removed when the :class:`SampleStore` that wrote it is garbage-collected or the 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import uuid
@@ -44,8 +43,9 @@ SCRATCH_PREFIX = "mpm-samples.tmp-"
 class SampleStore:
     """Samples of one layer on disk, grouped by grid cell (row-major), with their per-cell offsets."""
 
-    def __init__(self, folder: Path, columns: list[str], offsets: np.ndarray, cells: tuple[int, int],
+    def __init__(self, name: str, folder: Path, columns: list[str], offsets: np.ndarray, cells: tuple[int, int],
                  cell: int, affine, bbox: tuple[float, float, float, float], owner: bool = False):
+        self.name = name  # the layer's
         self.folder = Path(folder)
         self.columns = list(columns)
         self.offsets = offsets  # int64 [n_cells + 1]: samples of cell b are rows offsets[b]:offsets[b+1]
@@ -56,7 +56,7 @@ class SampleStore:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True) if owner else None
 
     def __reduce__(self):  # copies (pickled to a process) read the files; only the writer removes them
-        return (SampleStore, (self.folder, self.columns, self.offsets, self.cells, self.cell, self.affine, self.bbox))
+        return (SampleStore, (self.name, self.folder, self.columns, self.offsets, self.cells, self.cell, self.affine, self.bbox))
 
     @property
     def n(self) -> int:
@@ -70,7 +70,7 @@ class SampleStore:
         """Samples of cells rows[0]..rows[1] x cols[0]..cols[1] (inclusive): x, y, values [n, M]."""
         if not (self.folder / "xy.f64").exists():
             raise LayerError(
-                "points",
+                self.name,
                 f"the sample store {str(self.folder)!r} is gone (removed, or not on this machine)",
                 "build the cube in the process (or on the machine) that read the samples",
             )
@@ -80,36 +80,31 @@ class SampleStore:
         m = len(self.columns)
         xy = np.empty((n, 2), dtype="float64")
         vals = np.empty((n, m), dtype="float32")
-        fxy = os.open(self.folder / "xy.f64", os.O_RDONLY)
-        fv = os.open(self.folder / "values.f32", os.O_RDONLY)
-        try:
+        # a file object per call: tasks on several threads read at once
+        with open(self.folder / "xy.f64", "rb", buffering=0) as fxy, open(self.folder / "values.f32", "rb", buffering=0) as fv:
             i = 0
             for a, b in spans:
                 if b > a:
-                    _pread_into(fxy, xy[i : i + b - a], a * 16)
-                    _pread_into(fv, vals[i : i + b - a], a * 4 * m)
+                    _read_at(fxy, xy[i : i + b - a], a * 16)
+                    _read_at(fv, vals[i : i + b - a], a * 4 * m)
                     i += b - a
-        finally:
-            os.close(fxy)
-            os.close(fv)
         return xy[:, 0], xy[:, 1], vals
 
 
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+def _read_at(f, out: np.ndarray, offset: int) -> None:
     view = memoryview(out.reshape(-1).view("uint8"))
+    f.seek(offset)
     done = 0
     while done < len(view):
-        k = os.preadv(fd, [view[done:]], offset + done)
-        if k <= 0:
-            raise OSError(f"short read from the sample store at byte {offset + done}")
+        k = f.readinto(view[done:])
+        if not k:
+            raise OSError(f"short read from the sample store {f.name!r} at byte {offset + done}")
         done += k
 
 
-def _pwrite(fd: int, arr: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(arr).reshape(-1).view("uint8"))
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+def _write_at(f, arr: np.ndarray, offset: int) -> None:
+    f.seek(offset)
+    f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view("uint8")))
 
 
 def _cell_of(px: np.ndarray, py: np.ndarray, affine, cell: int, cells: tuple[int, int]) -> np.ndarray:
@@ -198,15 +193,13 @@ def _write(layer, blocks, affine, cell: int, cells: tuple[int, int], folder: Pat
     cursor = offsets[:-1].copy()
     half_min = np.where(np.isfinite(stats.min_pos), stats.min_pos / 2, np.nan) if layer.zeros == "half_min" else None
     finite = np.zeros(m, dtype=bool)
-    rxy, rv = os.open(folder / "runs.xy", os.O_RDONLY), os.open(folder / "runs.v", os.O_RDONLY)
-    wxy = os.open(folder / "xy.f64", os.O_WRONLY | os.O_CREAT, 0o644)
-    wv = os.open(folder / "values.f32", os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
+    with open(folder / "runs.xy", "rb", buffering=0) as rxy, open(folder / "runs.v", "rb", buffering=0) as rv, \
+            open(folder / "xy.f64", "wb") as wxy, open(folder / "values.f32", "wb") as wv:
         for start, k in runs:
             xy = np.empty((k, 2), dtype="float64")
             v = np.empty((k, m), dtype="float32")
-            _pread_into(rxy, xy, start * 16)
-            _pread_into(rv, v, start * 4 * m)
+            _read_at(rxy, xy, start * 16)
+            _read_at(rv, v, start * 4 * m)
             v = transform_samples(v, layer, half_min)
             finite |= np.isfinite(v).any(axis=0)
             b = _cell_of(xy[:, 0], xy[:, 1], affine, cell, cells)  # sorted: the run was written in cell order
@@ -214,18 +207,15 @@ def _write(layer, blocks, affine, cell: int, cells: tuple[int, int], folder: Pat
             ends = np.r_[starts[1:], k]
             for i, j in zip(starts.tolist(), ends.tolist()):  # one slice per cell the run touches
                 c = int(b[i])
-                _pwrite(wxy, xy[i:j], int(cursor[c]) * 16)
-                _pwrite(wv, v[i:j], int(cursor[c]) * 4 * m)
+                _write_at(wxy, xy[i:j], int(cursor[c]) * 16)
+                _write_at(wv, v[i:j], int(cursor[c]) * 4 * m)
                 cursor[c] += j - i
-    finally:
-        for fd in (rxy, rv, wxy, wv):
-            os.close(fd)
     (folder / "runs.xy").unlink()
     (folder / "runs.v").unlink()
     empty = [c for c, ok in zip(layer.columns, finite) if not ok]
     if empty:
         raise LayerError(f"{layer.name}.{empty[0]}", "has no valid sample (all missing or below detection)", "drop the column or check 'missing'")
-    return SampleStore(folder, layer.columns, offsets, cells, cell, affine, tuple(stats.bbox), owner=True)
+    return SampleStore(layer.name, folder, layer.columns, offsets, cells, cell, affine, tuple(stats.bbox), owner=True)
 
 
 def _check_transform(layer, stats: _Stats) -> None:

@@ -164,3 +164,28 @@ def test_cube_build_leaves_no_sample_store(mini_inputs, tmp_path):
     assert main(["cube", str(mini_inputs / "run.yaml"), "--out", str(out), "--quiet"]) == 0
     assert (out / "cube.zarr").is_dir()
     assert not list(out.glob(f"{SCRATCH_PREFIX}*"))
+
+
+def test_cube_with_samples_builds_on_a_local_cluster_of_processes(mini_inputs, tmp_path):
+    """A notebook's usual state: a distributed LocalCluster with worker processes. The workers read the
+    pickled store (same machine) and the cube equals the one built with threads in this process."""
+    import distributed
+
+    from pipeline.config import RunConfig
+    from pipeline.cube import open_cube, write_cube
+    from pipeline.ingest import build_cube
+
+    cfg = RunConfig.from_yaml(mini_inputs / "run.yaml")
+    write_cube(build_cube(cfg, scratch=tmp_path / "s1"), tmp_path / "threads.zarr")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+            distributed.Client(c):
+        ds = build_cube(cfg, scratch=tmp_path / "s2")
+        folder = next((tmp_path / "s2").glob(f"{SCRATCH_PREFIX}*"))
+        write_cube(ds, tmp_path / "cluster.zarr")
+        assert folder.exists()  # the workers' copies did not remove it
+        del ds
+        gc.collect()
+        assert not folder.exists()  # this process's store did
+    a, b = open_cube(tmp_path / "threads.zarr"), open_cube(tmp_path / "cluster.zarr")
+    np.testing.assert_array_equal(a.evidence.values, b.evidence.values)
+    np.testing.assert_array_equal(a.center.values, b.center.values)
