@@ -442,8 +442,12 @@ def _query(df: pd.DataFrame, layer: LayerConfig, allow_empty: bool = False) -> p
 
 
 def _numeric(series: pd.Series, layer: LayerConfig, column: str) -> np.ndarray:
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return series.to_numpy(dtype="float64", na_value=np.nan)  # parsed as numbers: nothing to check
     num = pd.to_numeric(series, errors="coerce")
-    bad = num.isna() & series.notna() & (series.astype(str).str.strip() != "")
+    maybe = num.isna() & series.notna()  # only these can be text; the string test runs on them alone
+    bad = maybe.copy()
+    bad[maybe] = series[maybe].astype(str).str.strip() != ""
     if bad.any():
         first = series[bad].iloc[0]
         row = series.index[bad.to_numpy()][0]  # the data row (0-based), also when read in blocks
