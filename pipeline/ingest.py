@@ -82,18 +82,15 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
     da = da.sel(band=layer.band, drop=True).astype("float32")
     if src_crs is None:
         da = da.rio.write_crs(layer.crs)
-    if layer.nodata is not None:
-        da = da.where(da != np.float32(layer.nodata))
-    if np.issubdtype(np.dtype(dtype), np.floating):
-        # +-inf (a division by zero upstream, an overflow) is no data: never evidence, and never spread into
-        # its neighbours by the resampling
-        da = da.where(np.isfinite(da))
-    half_min = None
+    # no data beyond the file's nodata: the layer's `nodata`, and +-inf in float rasters (a division by zero
+    # upstream, an overflow: never evidence, and never spread into its neighbours by the resampling)
+    is_float = bool(np.issubdtype(np.dtype(dtype), np.floating))
+    mask = _SourceMask(layer.nodata, is_float, None)
     if layer.zeros == "half_min" and layer.transform != "none":
         # one read of the source band (not of the aligned grid) to find its smallest positive value
-        min_pos = float(da.where(da > 0).min().compute())
-        half_min = np.float32(min_pos / 2)
-        da = da.where(~(da <= 0), half_min)
+        masked = da.data.map_blocks(mask.applied, dtype="float32")
+        min_pos = float(dsa.nanmin(dsa.where(masked > 0, masked, np.nan)).compute())
+        mask = _SourceMask(layer.nodata, is_float, np.float32(min_pos / 2))
     # a rough source resolution in target units decides between bilinear and average
     if da.rio.crs.is_geographic != geobox.crs.geographic:
         src_res_dst = (bbox.right - bbox.left) / max(da.sizes["x"], 1)
@@ -104,12 +101,11 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
     if da.odc.geobox == geobox:
         # already on the grid: no warp (GDAL's warp of a lon/lat raster onto its own grid goes through the
         # CRS's lat/lon axis order and moves values by ~1e-11), the values stay bitwise identical
-        out = da.chunk({"y": chunk, "x": chunk})
+        out = da.copy(data=da.data.map_blocks(mask.applied, dtype="float32")).chunk({"y": chunk, "x": chunk})
     else:
         # each grid chunk reads and warps its own source window: no source chunk is shared between grid
         # chunks, so the scheduler never holds warped chunks that wait for the rest of their cube chunk
         template = dsa.zeros(tuple(geobox.shape), chunks=(chunk, chunk), dtype="float32")
-        mask = _SourceMask(layer.nodata, np.issubdtype(np.dtype(dtype), np.floating), half_min)
         data = dsa.map_blocks(_warp_block, template, str(path), layer.band, (src_crs or CRS.from_user_input(layer.crs)).to_wkt(),
                               mask, geobox, resampling, dtype="float32")
         out = _grid_da(data, geobox)
@@ -120,13 +116,19 @@ def open_raster_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk:
 
 
 class _SourceMask:
-    """What counts as no data in a source window beyond the file's nodata (the layer's ``nodata``, +-inf
-    in float rasters) and the ``half_min`` value for values <= 0."""
+    """What counts as no data in source pixels beyond the file's nodata (the layer's ``nodata``, +-inf
+    in float rasters) and the ``half_min`` value for values <= 0: one rule for rasters read on the grid
+    and for the windows that are warped onto it."""
 
     def __init__(self, nodata, is_float: bool, half_min):
         self.nodata, self.is_float, self.half_min = nodata, is_float, half_min
 
+    def applied(self, a: np.ndarray) -> np.ndarray:
+        """A masked float32 copy (dask chunks are not changed in place)."""
+        return self(np.array(a, dtype="float32"))
+
     def __call__(self, a: np.ndarray) -> np.ndarray:
+        """Mask ``a`` (float32) in place."""
         if self.nodata is not None:
             a[a == np.float32(self.nodata)] = np.nan
         if self.is_float:

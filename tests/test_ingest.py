@@ -242,3 +242,36 @@ def test_feature_pixels_in_strips_equal_the_whole_grid():
     key = lambda a: a[np.lexsort((a[:, 0], a[:, 1]))]
     for rows in (16, 20, 33):  # strips that end on, inside and across the features' edges
         np.testing.assert_array_equal(key(whole), key(_feature_pixels(geoms, gb, strip_pixels=rows * 90)))
+
+
+@pytest.mark.parametrize("factor", [1, 2], ids=["on-grid", "warped"])
+def test_raster_nodata_inf_and_half_min(tmp_path, factor):
+    """The layer's `nodata`, +-inf and the file's nodata are no data, and zeros take half the smallest
+    positive value before the log: the same rule for a raster on the grid (read as is) and for one
+    warped onto it (here 2x finer, averaged: no data never enters an average)."""
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(5)
+    h, w = H * factor, W * factor
+    res = RES / factor
+    cols, rows = np.meshgrid(np.arange(w), np.arange(h))
+    src = smooth_field(X0 + res * (cols + 0.5), Y0 - res * (rows + 0.5)).astype("float32")
+    kinds = rng.choice(5, size=(h, w), p=[0.8, 0.05, 0.05, 0.05, 0.05])
+    src[kinds == 1] = 0.0  # zeros -> half the smallest positive value
+    src[kinds == 2] = -5.0  # the layer's nodata
+    src[kinds == 3] = np.inf
+    src[kinds == 4] = -99999.0  # the file's nodata
+    write_raster(tmp_path / "r.tif", src, transform=from_origin(X0, Y0, res, res), nodata=-99999)
+    cfg = _cfg(tmp_path, "  - {name: r, path: r.tif, nodata: -5, transform: log, zeros: half_min, resampling: average}\n")
+    got = build_cube(cfg).evidence.sel(band="r").values
+
+    want_src = np.where(kinds == 0, src, np.nan)
+    want_src[kinds == 1] = src[kinds == 0].min() / 2
+    blocks = want_src.reshape(H, factor, W, factor)
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(blocks, axis=(1, 3))  # GDAL's average leaves no data out
+    want = np.log(mean)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = np.isfinite(got)
+    assert ok.mean() > 0.7
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5)
