@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: install demo test test-all reliability bench clean
+.PHONY: install demo lint test test-all reliability bench clean
 
 $(BIN)/mpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ install: $(BIN)/mpm
 demo: install
 	$(BIN)/mpm demo --out $(OUT)
 
-test: install
+# the habits that keep the layout (README, Contributing): lint, format, and the layer contract
+lint: install
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-all: install

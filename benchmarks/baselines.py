@@ -23,7 +23,7 @@ from scipy.ndimage import gaussian_filter
 
 
 def planted_cube(path: Path, size: int, bands: int, n_dep: int, seed: int = 0):
-    from pipeline.cube import from_arrays, open_cube, write_cube
+    from pipeline.data.cube import from_arrays, open_cube, write_cube
 
     rng = np.random.default_rng(seed)
     latent = np.stack([gaussian_filter(rng.normal(size=(size, size)), 4) for _ in range(3)])
@@ -35,8 +35,15 @@ def planted_cube(path: Path, size: int, bands: int, n_dep: int, seed: int = 0):
         ev[:, r - 1 : r + 2, c - 1 : c + 2] += direction[:, None, None]
     x = 400_000 + 100 * np.arange(size) + 50
     y = 5_000_000 - 100 * np.arange(size) - 50
-    ds = from_arrays(ev.astype("float32"), bands=[f"b{i}" for i in range(bands)], sources=["geochemistry"] * bands,
-                     x=x, y=y, crs="EPSG:32646", chunk=min(512, size))
+    ds = from_arrays(
+        ev.astype("float32"),
+        bands=[f"b{i}" for i in range(bands)],
+        sources=["geochemistry"] * bands,
+        x=x,
+        y=y,
+        crs="EPSG:32646",
+        chunk=min(512, size),
+    )
     cube = open_cube(write_cube(ds, path))
     return cube, gpd.GeoDataFrame(geometry=gpd.points_from_xy(x[cols], y[rows]), crs="EPSG:32646")
 
@@ -51,11 +58,11 @@ def main() -> None:
     p.add_argument("--methods", default=None, help="comma-separated subset (default: the seven)")
     args = p.parse_args()
 
-    from pipeline.baselines import list_baselines, score_baseline
-    from pipeline.config import EvaluateConfig
-    from pipeline.evaluate import evaluate_map, roc_auc_all
-
     import xarray as xr
+
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluation.baselines import list_baselines, score_baseline
+    from pipeline.evaluation.evaluate import evaluate_map, roc_auc_all
 
     figures: dict = {"machine": "2-core CPU sandbox", "size": args.size, "bands": args.bands, "train": args.train}
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +81,9 @@ def main() -> None:
         print(f"{args.size}x{args.size}x{args.bands} cube, {args.train} training pixels; reference = pca {ref:.2f} s")
         for name in methods:
             mpix = args.size**2 / times[name] / 1e6
-            print(f"  {name:9s} {times[name]:7.2f} s  ({mpix:5.2f} Mpixel/s)  x{times[name] / ref:6.1f} pca   AUC {aucs[name]:.3f}")
+            print(
+                f"  {name:9s} {times[name]:7.2f} s  ({mpix:5.2f} Mpixel/s)  x{times[name] / ref:6.1f} pca   AUC {aucs[name]:.3f}"
+            )
         figures["seconds"] = {k: round(v, 3) for k, v in times.items()}
         figures["ratio_to_pca"] = {k: round(v / ref, 2) for k, v in times.items()}
         figures["auc"] = {k: round(v, 4) for k, v in aucs.items()}

@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -34,7 +33,7 @@ def _child(code: str) -> dict:
 GENERATE = """
 import json, time, sys
 from pathlib import Path
-from pipeline.synthetic import write_province
+from pipeline.data.synthetic import write_province
 t = time.perf_counter()
 p = write_province(Path({root!r}), size={size}, seed=0, chunk={chunk})
 print(json.dumps({{"config": str(p.config_path), "seconds": time.perf_counter() - t}}))
@@ -44,7 +43,7 @@ RAW_READ = """
 import json, time, resource
 import rasterio
 from pipeline.config import RunConfig
-from pipeline.grid import is_raster
+from pipeline.data.grid import is_raster
 cfg = RunConfig.from_yaml({config!r})
 paths = [cfg.resolve(l.path) for l in cfg.layers if is_raster(cfg.resolve(l.path))]
 nbytes = 0
@@ -61,8 +60,8 @@ BUILD = """
 import json, time, resource
 import dask
 from pipeline.config import RunConfig
-from pipeline.cube import write_cube, open_cube
-from pipeline.ingest import build_cube
+from pipeline.data.cube import write_cube, open_cube
+from pipeline.data.ingest import build_cube
 cfg = RunConfig.from_yaml({config!r})
 dask.config.set(scheduler="threads", num_workers={threads})
 t = time.perf_counter()
@@ -107,8 +106,10 @@ def main(argv=None) -> dict:
             f"written in {build['seconds']:.1f} s = {rate:.1f} MB/s"
         )
         print(f"ratio     cube write / raw read = {rate / raw_rate:.3f}")
-        print(f"memory    peak RSS {build['peak_rss_mb']:.0f} MB = {build['peak_rss_mb'] / build['cube_mb']:.2f} x the cube size "
-              f"({build['peak_rss_after_build_mb']:.0f} MB once the lazy cube is built: mostly imports; the point samples wait on disk)")
+        print(
+            f"memory    peak RSS {build['peak_rss_mb']:.0f} MB = {build['peak_rss_mb'] / build['cube_mb']:.2f} x the cube size "
+            f"({build['peak_rss_after_build_mb']:.0f} MB once the lazy cube is built: mostly imports; the point samples wait on disk)"
+        )
         result = {
             "size": args.size,
             "bands": build["bands"],

@@ -23,12 +23,13 @@ import numpy as np
 
 
 def make_cube(path: Path, size: int, bands: int, chunk: int) -> Path:
-    from pipeline.cube import from_arrays, write_cube
+    from pipeline.data.cube import from_arrays, write_cube
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    ev = np.stack([np.sin((3 + b) * xx) + np.cos((2 + b) * yy) + 0.1 * rng.standard_normal((size, size))
-                   for b in range(bands)]).astype("float32")
+    ev = np.stack(
+        [np.sin((3 + b) * xx) + np.cos((2 + b) * yy) + 0.1 * rng.standard_normal((size, size)) for b in range(bands)]
+    ).astype("float32")
     valid = np.ones((size, size), bool)
     valid[: size // 8, : size // 8] = False
     ev[:, ~valid] = np.nan
@@ -36,8 +37,9 @@ def make_cube(path: Path, size: int, bands: int, chunk: int) -> Path:
     sources = [groups[b * 3 // bands] for b in range(bands)]
     x = 100.0 * (np.arange(size) + 0.5)
     y = 100.0 * (size - np.arange(size) - 0.5)
-    ds = from_arrays(ev, bands=[f"b{i}" for i in range(bands)], sources=sources, x=x, y=y, crs="EPSG:32646",
-                     valid=valid, chunk=chunk)
+    ds = from_arrays(
+        ev, bands=[f"b{i}" for i in range(bands)], sources=sources, x=x, y=y, crs="EPSG:32646", valid=valid, chunk=chunk
+    )
     return write_cube(ds, path)
 
 
@@ -60,9 +62,9 @@ def main(argv=None) -> dict:
     import xbatcher
 
     from pipeline.config import ModelConfig
-    from pipeline.cube import normalised, open_cube
+    from pipeline.data.cube import normalised, open_cube
     from pipeline.models import build_model, group_indices, masked_mse, random_token_mask
-    from pipeline.patches import WindowFeed
+    from pipeline.models.patches import WindowFeed
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +77,7 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         feed = WindowFeed(ds, window=args.window, stride=args.stride, batch_size=args.batch, min_valid_fraction=0.5)
         n = 0
-        for i, (x, v) in enumerate(feed.batches(0)):
+        for i, (x, _v) in enumerate(feed.batches(0)):
             n += len(x)
             if i + 1 >= args.batches:
                 break
@@ -89,9 +91,12 @@ def main(argv=None) -> dict:
         # Stock xbatcher, lazy: one dask compute per patch.
         z = normalised(ds)
         z = z.drop_vars([c for c in z.coords if c not in ("y", "x")])
-        gen = xbatcher.BatchGenerator(z, input_dims={"y": args.window, "x": args.window},
-                                      input_overlap={"y": args.window - args.stride, "x": args.window - args.stride},
-                                      preload_batch=False)
+        gen = xbatcher.BatchGenerator(
+            z,
+            input_dims={"y": args.window, "x": args.window},
+            input_overlap={"y": args.window - args.stride, "x": args.window - args.stride},
+            preload_batch=False,
+        )
         t = time.perf_counter()
         m = min(args.lazy_patches, len(gen))
         for i in range(m):

@@ -40,9 +40,18 @@ window.addEventListener('load', function () {
 </script>
 """
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--virtual-time-budget=10000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=10000",
+]
 
 
 def find_chromium() -> str | None:
@@ -53,10 +62,13 @@ def find_chromium() -> str | None:
     return None
 
 
-def _chromium(exe: str, args: list[str], profile: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+def _chromium(
+    exe: str, args: list[str], profile: Path, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout
+    )
     return proc, time.perf_counter() - t0
 
 
@@ -68,10 +80,14 @@ def image_check(exe: str, report: Path, work: Path) -> dict:
     proc, _ = _chromium(exe, ["--dump-dom", probe.resolve().as_uri()], work / "profile-dom")
     m = re.search(r'id="mpm-image-check"[^>]*data-total="(\d+)"[^>]*data-loaded="(\d+)"', proc.stdout)
     if not m:
-        raise RuntimeError(f"the checker marker is missing from Chromium's DOM dump (rc {proc.returncode}): "
-                           f"{proc.stderr[-800:]}")
-    return {"images_total": int(m.group(1)), "images_loaded": int(m.group(2)),
-            "img_tags_in_file": len(re.findall(r"<img\b", text))}
+        raise RuntimeError(
+            f"the checker marker is missing from Chromium's DOM dump (rc {proc.returncode}): {proc.stderr[-800:]}"
+        )
+    return {
+        "images_total": int(m.group(1)),
+        "images_loaded": int(m.group(2)),
+        "img_tags_in_file": len(re.findall(r"<img\b", text)),
+    }
 
 
 def screenshot(exe: str, url: str, png: Path, profile: Path, size=(1400, 4000)) -> float:
@@ -91,15 +107,27 @@ def pixel_std(png: Path) -> float:
 def make_tiny_report(out: Path, size: int) -> Path:
     """A small synthetic run (cube, train, score, evaluate, report) in ``out``; returns report.html."""
     from pipeline.config import RunConfig
-    from pipeline.report import report_stage
-    from pipeline.runner import build_cube_stage, evaluate_stage, quicklook_stage, score_stage, train_stage
-    from pipeline.synthetic import write_province
+    from pipeline.data.synthetic import write_province
+    from pipeline.evaluation.report import report_stage
+    from pipeline.run.runner import build_cube_stage, evaluate_stage, quicklook_stage, score_stage, train_stage
 
     prov = write_province(out / "province", size=size, seed=0)
     cfg = RunConfig.from_yaml(prov.config_path).with_updates(
-        model={"window": 8, "patch": 4, "dim": 16, "depth": 1, "heads": 2, "decoder_dim": 16, "decoder_depth": 1,
-               "stem_channels": 4, "fusion_channels": 8},
-        train={"epochs": 1, "batch_size": 32}, score={"stride": 4}, cluster={"kind": "none"})
+        model={
+            "window": 8,
+            "patch": 4,
+            "dim": 16,
+            "depth": 1,
+            "heads": 2,
+            "decoder_dim": 16,
+            "decoder_depth": 1,
+            "stem_channels": 4,
+            "fusion_channels": 8,
+        },
+        train={"epochs": 1, "batch_size": 32},
+        score={"stride": 4},
+        cluster={"kind": "none"},
+    )
     quiet = lambda *_: None  # noqa: E731
     build_cube_stage(cfg, out, progress=False, log=quiet)
     quicklook_stage(out / "cube.zarr", out, log=quiet)
@@ -136,13 +164,27 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     ok = check["images_loaded"] == check["images_total"] == check["img_tags_in_file"] > 0 and std > 5.0
     print(f"report: {report} ({report.stat().st_size / 1e6:.2f} MB)")
-    print(f"images decoded by Chromium: {check['images_loaded']} / {check['images_total']} "
-          f"(<img> tags in the file: {check['img_tags_in_file']})")
+    print(
+        f"images decoded by Chromium: {check['images_loaded']} / {check['images_total']} "
+        f"(<img> tags in the file: {check['img_tags_in_file']})"
+    )
     print(f"screenshot: {png} (pixel std {std:.1f}; blank page ~0)")
     print(f"render + screenshot: {shot_s:.2f} s; baseline blank page: {base_s:.2f} s; ratio x{shot_s / base_s:.2f}")
-    print(json.dumps({"bench": "report_screenshot", "ok": ok, **check, "pixel_std": round(std, 2),
-                      "report_mb": round(report.stat().st_size / 1e6, 3), "screenshot_s": round(shot_s, 3),
-                      "blank_page_s": round(base_s, 3), "ratio": round(shot_s / base_s, 3), "screenshot": str(png)}))
+    print(
+        json.dumps(
+            {
+                "bench": "report_screenshot",
+                "ok": ok,
+                **check,
+                "pixel_std": round(std, 2),
+                "report_mb": round(report.stat().st_size / 1e6, 3),
+                "screenshot_s": round(shot_s, 3),
+                "blank_page_s": round(base_s, 3),
+                "ratio": round(shot_s / base_s, 3),
+                "screenshot": str(png),
+            }
+        )
+    )
     return 0 if ok else 1
 
 

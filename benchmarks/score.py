@@ -27,18 +27,27 @@ import numpy as np
 def make_cube(path: Path, size: int, bands: int, chunk: int, seed: int = 0) -> Path:
     import dask.array as da
 
-    from pipeline.cube import from_arrays, write_cube
+    from pipeline.data.cube import from_arrays, write_cube
 
     rs = da.random.RandomState(seed)
     yy = da.arange(size, chunks=chunk)[:, None] / size
     xx = da.arange(size, chunks=chunk)[None, :] / size
-    layers = [da.exp(da.sin((3 + i) * xx) * da.cos((2 + i) * yy) + 0.1 * rs.standard_normal((size, size), chunks=chunk))
-              for i in range(bands)]
+    layers = [
+        da.exp(da.sin((3 + i) * xx) * da.cos((2 + i) * yy) + 0.1 * rs.standard_normal((size, size), chunks=chunk))
+        for i in range(bands)
+    ]
     ev = da.stack(layers).astype("float32")
     sources = ["geochemistry"] * (bands // 2) + ["geophysics"] * (bands // 4)
     sources += ["geology"] * (bands - len(sources))
-    ds = from_arrays(ev, bands=[f"b{i}" for i in range(bands)], sources=sources,
-                     x=np.arange(size) * 100.0 + 50, y=-np.arange(size) * 100.0 - 50, crs="EPSG:32650", chunk=chunk)
+    ds = from_arrays(
+        ev,
+        bands=[f"b{i}" for i in range(bands)],
+        sources=sources,
+        x=np.arange(size) * 100.0 + 50,
+        y=-np.arange(size) * 100.0 - 50,
+        crs="EPSG:32650",
+        chunk=chunk,
+    )
     return write_cube(ds, path)
 
 
@@ -60,28 +69,37 @@ def main() -> None:
     ap.add_argument("--mem-size", type=int, default=2048, help="side of the cube for the memory test (0 = skip)")
     ap.add_argument("--mem-limit", default="1GiB", help="worker memory_limit for the memory test")
     ap.add_argument("--mem-stride", type=int, default=32, help="stride of the memory test (32: 4x fewer windows)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is fastest on a shared 2-core box: no spin-wait contention)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest on a shared 2-core box: no spin-wait contention)",
+    )
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     if args.reference:
         args.dim, args.depth, args.heads = 192, 6, 3
 
-    import dask
     import torch
 
     torch.set_num_threads(args.threads)
 
-    from pipeline.checkpoint import save_checkpoint
     from pipeline.config import ModelConfig, ScoreConfig
-    from pipeline.cube import normalised, open_cube
+    from pipeline.data.cube import normalised, open_cube
     from pipeline.models import build_model, complementary_masks, group_indices
-    from pipeline.score import load_model_cached, score_cube
-    from pipeline.sinks import write_zarr_resumable
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.scoring.score import load_model_cached, score_cube
+    from pipeline.scoring.sinks import write_zarr_resumable
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-score-"))
-    mcfg = ModelConfig(window=args.window, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads,
-                       mask_ratio=args.mask_ratio)
+    mcfg = ModelConfig(
+        window=args.window,
+        patch=args.patch,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        mask_ratio=args.mask_ratio,
+    )
     w, s = args.window, args.stride
     print(f"model: {mcfg.model_dump()}  bands {args.bands}  stride {s}  torch threads {torch.get_num_threads()}")
 
@@ -92,10 +110,19 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(mcfg, groups).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    ckpt = save_checkpoint(work / "model.pt", model, model_cfg=mcfg, bands=cube["band"].values.tolist(),
-                           sources=cube["source"].values.tolist(), center=cube["center"].values,
-                           scale=cube["scale"].values, groups=groups)
-    print(f"cube {args.size}x{args.size}x{args.bands} written in {time.perf_counter() - t:.1f} s; model {n_params / 1e6:.2f} M params")
+    ckpt = save_checkpoint(
+        work / "model.pt",
+        model,
+        model_cfg=mcfg,
+        bands=cube["band"].values.tolist(),
+        sources=cube["source"].values.tolist(),
+        center=cube["center"].values,
+        scale=cube["scale"].values,
+        groups=groups,
+    )
+    print(
+        f"cube {args.size}x{args.size}x{args.bands} written in {time.perf_counter() - t:.1f} s; model {n_params / 1e6:.2f} M params"
+    )
 
     # 1. the model's own dense rate: in-memory windows, same K masked passes as scoring
     masks = complementary_masks(model.n_tokens, args.mask_ratio, seed=0) if args.mask_ratio > 0 else None
@@ -125,7 +152,9 @@ def main() -> None:
     e2e_s = time.perf_counter() - t
     n_px = args.size * args.size
     e2e_px = n_px / e2e_s
-    print(f"end to end: {n_px:,} px in {e2e_s:.1f} s = {e2e_px:,.0f} px/s = {e2e_px / model_px:.0%} of the model's dense rate (goal >= 70 %)")
+    print(
+        f"end to end: {n_px:,} px in {e2e_s:.1f} s = {e2e_px:,.0f} px/s = {e2e_px / model_px:.0%} of the model's dense rate (goal >= 70 %)"
+    )
 
     # 3. per-pixel-centred baseline: one window (K passes) per pixel, centre pixel's error
     z = normalised(cube).isel(y=slice(0, 256), x=slice(0, 256)).values
@@ -141,8 +170,11 @@ def main() -> None:
             if masks is None:
                 rec = m(win)
             else:
-                rec = sum(m(win, token_mask=mk.expand(len(win), -1)) * mk.reshape(w // args.patch, -1)
-                          .repeat_interleave(args.patch, 0).repeat_interleave(args.patch, 1) for mk in masks)
+                rec = sum(
+                    m(win, token_mask=mk.expand(len(win), -1))
+                    * mk.reshape(w // args.patch, -1).repeat_interleave(args.patch, 0).repeat_interleave(args.patch, 1)
+                    for mk in masks
+                )
             _ = ((rec[:, :, w // 2, w // 2] - win[:, :, w // 2, w // 2]) ** 2).mean(1)
     pp_px = len(pix) / (time.perf_counter() - t)
     print(f"per-pixel-centred: {pp_px:,.0f} px/s; dense end to end is {e2e_px / pp_px:,.0f}x faster (goal >= 100x)")
@@ -157,8 +189,12 @@ def main() -> None:
         big = make_cube(work / "big.zarr", args.mem_size, args.bands, 512)
         cube_mb = args.mem_size**2 * args.bands * 4 / 2**20
         limit_mb = parse_bytes(args.mem_limit) / 2**20
-        with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=args.mem_limit,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=1, threads_per_worker=1, memory_limit=args.mem_limit, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             pid = next(iter(client.run(os.getpid).values()))
             proc, peak, stop = psutil.Process(pid), [0], threading.Event()
 
@@ -179,21 +215,41 @@ def main() -> None:
             stop.set()
             th.join()
             peak_mb = peak[0] / 2**20
-        print(f"memory: cube {cube_mb:,.0f} MB scored by one worker limited to {limit_mb:,.0f} MB in {mem_s:.0f} s "
-              f"({args.mem_size**2 / mem_s:,.0f} px/s, 1 torch thread); worker peak RSS {peak_mb:,.0f} MB "
-              f"= {peak_mb / cube_mb:.2f} x cube")
+        print(
+            f"memory: cube {cube_mb:,.0f} MB scored by one worker limited to {limit_mb:,.0f} MB in {mem_s:.0f} s "
+            f"({args.mem_size**2 / mem_s:,.0f} px/s, 1 torch thread); worker peak RSS {peak_mb:,.0f} MB "
+            f"= {peak_mb / cube_mb:.2f} x cube"
+        )
 
-    print(json.dumps({
-        "benchmark": "score",
-        "model": {"window": w, "patch": args.patch, "dim": args.dim, "depth": args.depth, "heads": args.heads,
-                  "mask_ratio": args.mask_ratio, "params_m": round(n_params / 1e6, 3)},
-        "size": args.size, "bands": args.bands, "stride": s, "chunk": args.chunk,
-        "end_to_end_px_per_s": round(e2e_px), "model_dense_px_per_s": round(model_px),
-        "end_to_end_vs_model": round(e2e_px / model_px, 3),
-        "per_pixel_px_per_s": round(pp_px, 1), "dense_vs_per_pixel": round(e2e_px / pp_px, 1),
-        "peak_rss_mb": peak_mb and round(peak_mb), "worker_memory_limit_mb": limit_mb and round(limit_mb),
-        "cube_mb": cube_mb and round(cube_mb), "memory_run_s": mem_s and round(mem_s, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "score",
+                "model": {
+                    "window": w,
+                    "patch": args.patch,
+                    "dim": args.dim,
+                    "depth": args.depth,
+                    "heads": args.heads,
+                    "mask_ratio": args.mask_ratio,
+                    "params_m": round(n_params / 1e6, 3),
+                },
+                "size": args.size,
+                "bands": args.bands,
+                "stride": s,
+                "chunk": args.chunk,
+                "end_to_end_px_per_s": round(e2e_px),
+                "model_dense_px_per_s": round(model_px),
+                "end_to_end_vs_model": round(e2e_px / model_px, 3),
+                "per_pixel_px_per_s": round(pp_px, 1),
+                "dense_vs_per_pixel": round(e2e_px / pp_px, 1),
+                "peak_rss_mb": peak_mb and round(peak_mb),
+                "worker_memory_limit_mb": limit_mb and round(limit_mb),
+                "cube_mb": cube_mb and round(cube_mb),
+                "memory_run_s": mem_s and round(mem_s, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

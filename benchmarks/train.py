@@ -79,17 +79,31 @@ def main(argv=None) -> dict:
             model(x)
 
     fwd_rate = rate(infer, args.steps)
-    where = f"{device.type}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
-    print(f"reference model: {n_params / 1e6:.2f} M parameters, batch {args.batch}, mask ratio {args.mask_ratio}, {where}")
+    where = f"{device.type}" + (
+        f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+    )
+    print(
+        f"reference model: {n_params / 1e6:.2f} M parameters, batch {args.batch}, mask ratio {args.mask_ratio}, {where}"
+    )
     print(f"training step (fwd+bwd+AdamW, eager): {train_rate:,.0f} windows/s")
-    print(f"baseline, forward only (eval, no mask): {fwd_rate:,.0f} windows/s; training / forward = {train_rate / fwd_rate:.2f}")
-    res = {"train_windows_per_s": round(train_rate, 1), "forward_windows_per_s": round(fwd_rate, 1),
-           "device": where, "batch": args.batch, "mask_ratio": args.mask_ratio, "params": n_params}
+    print(
+        f"baseline, forward only (eval, no mask): {fwd_rate:,.0f} windows/s; training / forward = {train_rate / fwd_rate:.2f}"
+    )
+    res = {
+        "train_windows_per_s": round(train_rate, 1),
+        "forward_windows_per_s": round(fwd_rate, 1),
+        "device": where,
+        "batch": args.batch,
+        "mask_ratio": args.mask_ratio,
+        "params": n_params,
+    }
     if device.type == "cuda" and not args.no_compile:
         _, cstep = trainer(True)
         res["train_windows_per_s_compiled"] = round(rate(cstep, args.steps), 1)
-        print(f"training step, torch.compile: {res['train_windows_per_s_compiled']:,.0f} windows/s "
-              f"({res['train_windows_per_s_compiled'] / train_rate:.2f}x eager)")
+        print(
+            f"training step, torch.compile: {res['train_windows_per_s_compiled']:,.0f} windows/s "
+            f"({res['train_windows_per_s_compiled'] / train_rate:.2f}x eager)"
+        )
     print(json.dumps(res))
     return res
 

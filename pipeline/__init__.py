@@ -1,7 +1,7 @@
 """Unsupervised mineral prospectivity mapping: fusion-conv ViT autoencoder on xarray, Zarr and Dask."""
 
-from .config import RunConfig
-from .cube import open_cube, write_cube
+from pipeline.config import RunConfig
+from pipeline.data.cube import open_cube, write_cube
 
 __version__ = "0.1.0"
 __all__ = ["RunConfig", "open_cube", "write_cube", "__version__"]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 SOURCES_HINT = "geochemistry, geophysics, geology (or any group name of your own)"
 KINDS = ("continuous", "categorical", "distance", "indicator", "points")
@@ -39,16 +39,49 @@ _QUERY_CMP = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.N
 _QUERY_UNARY = (ast.Not, ast.USub, ast.UAdd, ast.Invert)  # pandas reads ~ as not
 # arithmetic, and & | (pandas reads them as and / or)
 _QUERY_BINOP = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr)
-_QUERY_NODES = (ast.Expression, ast.Compare, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.BinOp, ast.Name,
-                ast.Load, ast.Constant, ast.List, ast.Tuple, *_QUERY_CMP, *_QUERY_UNARY, *_QUERY_BINOP)
+_QUERY_NODES = (
+    ast.Expression,
+    ast.Compare,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.BinOp,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.List,
+    ast.Tuple,
+    *_QUERY_CMP,
+    *_QUERY_UNARY,
+    *_QUERY_BINOP,
+)
 _QUERY_WHAT = {
-    ast.Attribute: "attribute access", ast.Call: "a function call", ast.Subscript: "indexing",
-    ast.Lambda: "a lambda", ast.ListComp: "a comprehension", ast.SetComp: "a comprehension",
-    ast.DictComp: "a comprehension", ast.GeneratorExp: "a generator expression", ast.NamedExpr: "an assignment (:=)",
-    ast.JoinedStr: "an f-string", ast.FormattedValue: "an f-string", ast.IfExp: "a conditional expression",
-    ast.Dict: "a dict", ast.Set: "a set", ast.Starred: "unpacking (*)", ast.Slice: "a slice",
-    ast.Is: "'is'", ast.IsNot: "'is not'", ast.MatMult: "'@'", ast.LShift: "'<<'", ast.RShift: "'>>'",
-    ast.BitXor: "'^'", ast.Await: "'await'", ast.Yield: "'yield'", ast.YieldFrom: "'yield'",
+    ast.Attribute: "attribute access",
+    ast.Call: "a function call",
+    ast.Subscript: "indexing",
+    ast.Lambda: "a lambda",
+    ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a generator expression",
+    ast.NamedExpr: "an assignment (:=)",
+    ast.JoinedStr: "an f-string",
+    ast.FormattedValue: "an f-string",
+    ast.IfExp: "a conditional expression",
+    ast.Dict: "a dict",
+    ast.Set: "a set",
+    ast.Starred: "unpacking (*)",
+    ast.Slice: "a slice",
+    ast.Is: "'is'",
+    ast.IsNot: "'is not'",
+    ast.MatMult: "'@'",
+    ast.LShift: "'<<'",
+    ast.RShift: "'>>'",
+    ast.BitXor: "'^'",
+    ast.Await: "'await'",
+    ast.Yield: "'yield'",
+    ast.YieldFrom: "'yield'",
 }
 _QUERY_MAX_POWER = 1000  # a constant exponent beyond this (2 ** 10 ** 10) would hang the run
 
@@ -81,7 +114,7 @@ def _query_source(query: str) -> str:
             j = query.find(c, i + 1)
             if j < 0:
                 raise QueryError(query, f"has an unclosed quote ({c}) at character {i + 1}", syntax=True)
-            out.append(query[i:j + 1])
+            out.append(query[i : j + 1])
             i = j + 1
             continue
         if c == "`":
@@ -90,7 +123,7 @@ def _query_source(query: str) -> str:
                 j = query.find("`", j)
                 if j < 0:
                     raise QueryError(query, f"has an unclosed backtick at character {i + 1}", syntax=True)
-                if query[j + 1:j + 2] == "`":  # `` inside a quoted name is one backtick
+                if query[j + 1 : j + 2] == "`":  # `` inside a quoted name is one backtick
                     j += 2
                     continue
                 break
@@ -142,15 +175,23 @@ def safe_query(query: str) -> str:
             raise QueryError(query, _query_construct(node))
         if isinstance(node, ast.Name) and node.id.startswith("__"):
             raise QueryError(query, f"a name starting with '__' ({node.id!r}; such names reach Python internals)")
-        if isinstance(node, ast.Constant) and not (node.value is None or isinstance(node.value, (str, bool, int, float))):
+        if isinstance(node, ast.Constant) and not (
+            node.value is None or isinstance(node.value, (str, bool, int, float))
+        ):
             raise QueryError(query, f"the constant {node.value!r}")
-        if isinstance(node, ast.BinOp) and not isinstance(node.op, (ast.BitAnd, ast.BitOr)) and any(
-            isinstance(s, ast.Constant) and isinstance(s.value, str) for s in (node.left, node.right)
+        if (
+            isinstance(node, ast.BinOp)
+            and not isinstance(node.op, (ast.BitAnd, ast.BitOr))
+            and any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in (node.left, node.right))
         ):
             raise QueryError(query, f"arithmetic on a string ({ast.unparse(node)[:60]!r})")
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             exp = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
-            big = isinstance(exp, ast.Constant) and isinstance(exp.value, (int, float)) and abs(exp.value) > _QUERY_MAX_POWER
+            big = (
+                isinstance(exp, ast.Constant)
+                and isinstance(exp.value, (int, float))
+                and abs(exp.value) > _QUERY_MAX_POWER
+            )
             nested = any(isinstance(s, ast.BinOp) and isinstance(s.op, ast.Pow) for s in ast.walk(node.right))
             if big or nested:
                 raise QueryError(query, f"a power with a huge exponent ({ast.unparse(node)[:60]!r})")
@@ -191,15 +232,19 @@ class GridConfig(_Frozen):
     def _positive_resolution(cls, v):
         vals = (v,) if isinstance(v, (int, float)) else v
         if v is not None and any(r <= 0 for r in vals):
-            raise ValueError(f"resolution must be positive. Fix: give the pixel size in CRS units, e.g. 100")
+            raise ValueError("resolution must be positive. Fix: give the pixel size in CRS units, e.g. 100")
         return v
 
     @field_validator("bounds")
     @classmethod
     def _ordered_bounds(cls, v):
         if v is not None and (v[0] >= v[2] or v[1] >= v[3]):
-            bad = " and ".join(n for n, lo, hi in (("xmin >= xmax", v[0], v[2]), ("ymin >= ymax", v[1], v[3])) if lo >= hi)
-            raise ValueError(f"bounds are not ordered ({bad}). Fix: write [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+            bad = " and ".join(
+                n for n, lo, hi in (("xmin >= xmax", v[0], v[2]), ("ymin >= ymax", v[1], v[3])) if lo >= hi
+            )
+            raise ValueError(
+                f"bounds are not ordered ({bad}). Fix: write [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax"
+            )
         return v
 
     @model_validator(mode="after")
@@ -239,8 +284,9 @@ class LayerConfig(_Frozen):
     attribute: str | None = None
     classes: tuple[Any, ...] | None = None
     query: str | None = Field(
-        None, description="pandas query selecting features or samples: comparisons of columns with values, "
-        "combined with and/or/not (no calls or attribute access), e.g. \"type == 'chromite' and Cr > 10\"."
+        None,
+        description="pandas query selecting features or samples: comparisons of columns with values, "
+        "combined with and/or/not (no calls or attribute access), e.g. \"type == 'chromite' and Cr > 10\".",
     )
     # points
     x: str | None = None
@@ -276,7 +322,9 @@ class LayerConfig(_Frozen):
         if self.kind == "points":
             missing = [k for k in ("x", "y", "columns") if getattr(self, k) in (None, ())]
             if missing:
-                raise ValueError(f"kind 'points' needs {', '.join(missing)}. Fix: add the x/y column names and the value columns")
+                raise ValueError(
+                    f"kind 'points' needs {', '.join(missing)}. Fix: add the x/y column names and the value columns"
+                )
         if self.kind == "categorical" and not self.classes:
             raise ValueError("kind 'categorical' needs 'classes'. Fix: list the class values (one band each)")
         names = self.band_names
@@ -288,7 +336,9 @@ class LayerConfig(_Frozen):
                 f"Fix: list each value once in '{what}'"
             )
         if self.kind in ("categorical", "indicator", "distance") and self.transform in ("log", "log10", "clr"):
-            raise ValueError(f"transform {self.transform!r} does not apply to kind {self.kind!r}. Fix: use transform 'none'")
+            raise ValueError(
+                f"transform {self.transform!r} does not apply to kind {self.kind!r}. Fix: use transform 'none'"
+            )
         return self
 
     @property
@@ -309,8 +359,11 @@ class DepositsConfig(_Frozen):
     y: str | None = None
     crs: str | None = None
     layer: str | None = None
-    query: str | None = Field(None, description="pandas query selecting deposits (comparisons of columns with values, "
-                              "and/or/not; no calls or attribute access).")
+    query: str | None = Field(
+        None,
+        description="pandas query selecting deposits (comparisons of columns with values, "
+        "and/or/not; no calls or attribute access).",
+    )
 
     @field_validator("query")
     @classmethod
@@ -334,9 +387,13 @@ class ModelConfig(_Frozen):
     @model_validator(mode="after")
     def _shapes(self):
         if self.window % self.patch:
-            raise ValueError(f"window {self.window} is not a multiple of patch {self.patch}. Fix: pick e.g. window 32, patch 4")
+            raise ValueError(
+                f"window {self.window} is not a multiple of patch {self.patch}. Fix: pick e.g. window 32, patch 4"
+            )
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}. Fix: e.g. dim 192 with 3 or 6 heads")
+            raise ValueError(
+                f"dim {self.dim} is not divisible by heads {self.heads}. Fix: e.g. dim 192 with 3 or 6 heads"
+            )
         return self
 
 
@@ -372,7 +429,9 @@ class ClusterConfig(_Frozen):
     memory_limit: str = "4GiB"
     address: str | None = None
     gpus_per_worker: int = Field(0, ge=0)
-    profile: Path | None = Field(None, description="A cluster profile YAML (deploy/profiles/); keys set beside it override its own.")
+    profile: Path | None = Field(
+        None, description="A cluster profile YAML (deploy/profiles/); keys set beside it override its own."
+    )
     jobqueue: dict[str, Any] = Field(
         default_factory=dict, description="kind 'jobqueue': system (slurm|pbs) and dask-jobqueue cluster arguments."
     )
@@ -380,7 +439,8 @@ class ClusterConfig(_Frozen):
         default_factory=dict, description="kind 'gateway': address, auth and cluster options of a Dask Gateway."
     )
     kubernetes: dict[str, Any] = Field(
-        default_factory=dict, description="kind 'kubernetes': image, namespace, resources of a dask-kubernetes KubeCluster."
+        default_factory=dict,
+        description="kind 'kubernetes': image, namespace, resources of a dask-kubernetes KubeCluster.",
     )
 
 
@@ -412,7 +472,9 @@ class RunConfig(_Frozen):
         for layer in self.layers:
             for b in [layer.name, *layer.band_names]:
                 if b in seen and seen[b] != layer.name:
-                    raise ValueError(f"band name {b!r} of layer {layer.name!r} clashes with layer {seen[b]!r}. Fix: rename one of them")
+                    raise ValueError(
+                        f"band name {b!r} of layer {layer.name!r} clashes with layer {seen[b]!r}. Fix: rename one of them"
+                    )
                 seen[b] = layer.name
         names = [l.name for l in self.layers]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -437,7 +499,7 @@ class RunConfig(_Frozen):
 
     # -- I/O -----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict, base_dir: Path | str = ".") -> "RunConfig":
+    def from_dict(cls, data: dict, base_dir: Path | str = ".") -> RunConfig:
         if not isinstance(data, dict):
             got = "an empty document" if data is None else f"a {type(data).__name__} ({str(data)[:60]!r})"
             raise ConfigError(
@@ -451,14 +513,14 @@ class RunConfig(_Frozen):
             raise ConfigError(_format_validation_error(exc, data)) from None
 
     @classmethod
-    def from_yaml(cls, path: Path | str) -> "RunConfig":
+    def from_yaml(cls, path: Path | str) -> RunConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist. Fix: pass the path of a run-config YAML")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(_yaml_error(path, exc)) from None
+            raise ConfigError(yaml_error(path, exc)) from None
         except UnicodeDecodeError as exc:
             raise ConfigError(
                 f"config file {str(path)!r} is not a text file ({exc.reason} at byte {exc.start}). "
@@ -476,7 +538,7 @@ class RunConfig(_Frozen):
         data = self.model_dump(mode="json", exclude={"base_dir"})
         return yaml.safe_dump(data, sort_keys=False)
 
-    def with_updates(self, **sections) -> "RunConfig":
+    def with_updates(self, **sections) -> RunConfig:
         """Copy with some sections replaced, e.g. ``cfg.with_updates(train={'epochs': 1})``."""
         data = self.model_dump(mode="python")
         for key, val in sections.items():
@@ -487,7 +549,7 @@ class RunConfig(_Frozen):
         return RunConfig.from_dict(data, base_dir=self.base_dir)
 
 
-def _yaml_error(path: Path, exc: Exception) -> str:
+def yaml_error(path: Path, exc: Exception) -> str:
     """One line: where the YAML breaks (1-based line and column), what the parser expected, and the line."""
     mark = getattr(exc, "problem_mark", None)
     ctx_mark = getattr(exc, "context_mark", None)
@@ -537,8 +599,25 @@ def _close_key(key: str) -> str | None:
     """The known config key closest to a misspelt one (any section), or None."""
     import difflib
 
-    known = sorted({f for m in (RunConfig, GridConfig, InterpolationConfig, LayerConfig, DepositsConfig, ModelConfig,
-                                TrainConfig, ScoreConfig, ClusterConfig, EvaluateConfig) for f in m.model_fields} - {"base_dir"})
+    known = sorted(
+        {
+            f
+            for m in (
+                RunConfig,
+                GridConfig,
+                InterpolationConfig,
+                LayerConfig,
+                DepositsConfig,
+                ModelConfig,
+                TrainConfig,
+                ScoreConfig,
+                ClusterConfig,
+                EvaluateConfig,
+            )
+            for f in m.model_fields
+        }
+        - {"base_dir"}
+    )
     hit = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     return hit[0] if hit else None
 

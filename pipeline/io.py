@@ -9,9 +9,9 @@ finds them, and the stage runner clears them (:func:`clear_stale`) before it red
 Temporary names: ``<name>.tmp-<8 hex>`` (``<name>.tmp-<8 hex><suffix>`` with ``keep_suffix``, for writers
 that pick a format from the extension: GeoTIFF, GeoPackage, PNG).
 
-The resumable Zarr writes of :mod:`pipeline.sinks` are the one exception: a large store is written in place,
+The resumable Zarr writes of :mod:`pipeline.scoring.sinks` are the one exception: a large store is written in place,
 region by region, and is marked complete (group attribute ``mpm_complete: true``) only when every region is on
-disk; readers check :func:`pipeline.sinks.is_complete`.
+disk; readers check :func:`pipeline.scoring.sinks.is_complete`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,20 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["temporary_name", "atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json",
-           "stale_temporaries", "clear_stale", "remove_path"]
+__all__ = [
+    "temporary_name",
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "stale_temporaries",
+    "clear_stale",
+    "remove_path",
+]
 
 TMP_MARK = ".tmp-"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cube import from_arrays, write_cube
+from pipeline.data.cube import from_arrays, write_cube
 
 BANDS = ["Cr", "Ni", "Co", "MgO", "mag", "grav", "ultramafic", "fault_dist"]
 SOURCES = ["geochemistry"] * 4 + ["geophysics"] * 2 + ["geology"] * 2

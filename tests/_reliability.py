@@ -22,8 +22,20 @@ import pytest
 _RECORDS: dict[str, dict] = {}
 _KEY = pytest.StashKey[dict]()
 
-CATEGORIES = ("config", "raster", "vector", "points", "deposits", "cube", "checkpoint", "fault", "interrupt",
-              "atomic write", "property", "security")
+CATEGORIES = (
+    "config",
+    "raster",
+    "vector",
+    "points",
+    "deposits",
+    "cube",
+    "checkpoint",
+    "fault",
+    "interrupt",
+    "atomic write",
+    "property",
+    "security",
+)
 
 
 def _case(item) -> tuple[str, str] | None:
@@ -64,8 +76,14 @@ def pytest_runtest_makereport(item, call):
     if status == "pass" and not rec:
         status = "FAIL"  # a case must say what it observed
         rec = {"observed": "the test did not record what it observed", "kept": ""}
-    _RECORDS[item.nodeid] = dict(category=case[0], case=case[1], status=status, slow=item.get_closest_marker("slow") is not None,
-                                 test=item.nodeid, **{k: rec.get(k, "") for k in ("observed", "kept")})
+    _RECORDS[item.nodeid] = dict(
+        category=case[0],
+        case=case[1],
+        status=status,
+        slow=item.get_closest_marker("slow") is not None,
+        test=item.nodeid,
+        **{k: rec.get(k, "") for k in ("observed", "kept")},
+    )
 
 
 _TMP = re.compile(r"[^\s'\"]*/pytest-of-[^/]+/pytest-\d+/[^/\s'\"]+/")
@@ -95,7 +113,9 @@ def render(records: list[dict]) -> str:
         "",
     ]
     n_fail = sum(r["status"] != "pass" for r in records)
-    lines.append(f"{len(records)} cases, {len(records) - n_fail} passed" + (f", **{n_fail} not passed**" if n_fail else "") + ".")
+    lines.append(
+        f"{len(records)} cases, {len(records) - n_fail} passed" + (f", **{n_fail} not passed**" if n_fail else "") + "."
+    )
     lines.append("")
     for cat in CATEGORIES:
         rows = [r for r in records if r["category"] == cat]
@@ -105,8 +125,10 @@ def render(records: list[dict]) -> str:
         for r in sorted(rows, key=lambda r: r["case"]):
             test = r["test"].split("::", 1)
             name = f"`{test[0].removeprefix('tests/')}::{test[1]}`" if len(test) == 2 else f"`{r['test']}`"
-            lines.append(f"| {_md(r['case'])} | {r['status']}{' (slow)' if r['slow'] else ''} | {_md(r['observed'])} | "
-                         f"{_md(r['kept'])} | {name} |")
+            lines.append(
+                f"| {_md(r['case'])} | {r['status']}{' (slow)' if r['slow'] else ''} | {_md(r['observed'])} | "
+                f"{_md(r['kept'])} | {name} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -21,8 +21,15 @@ def write_raster(path, arr, *, crs=UTM, transform=None, nodata=None, dtype="floa
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[None]
-    profile = dict(driver="GTiff", height=arr.shape[1], width=arr.shape[2], count=arr.shape[0], dtype=dtype,
-                   transform=transform, nodata=nodata)
+    profile = dict(
+        driver="GTiff",
+        height=arr.shape[1],
+        width=arr.shape[2],
+        count=arr.shape[0],
+        dtype=dtype,
+        transform=transform,
+        nodata=nodata,
+    )
     if crs is not None:
         profile["crs"] = crs
     with rasterio.open(path, "w", **profile) as dst:
@@ -59,19 +66,31 @@ def mini_inputs(tmp_path):
     write_raster(tmp_path / "grav.tif", rng.normal(0, 1, (gh, gw)), crs="EPSG:4326", transform=g, nodata=-99999)
     lith = gpd.GeoDataFrame(
         {"ROCKTYPE": ["ultramafic", "gabbro", "basalt"]},
-        geometry=[box(X0, Y0 - 3000, X0 + 1500, Y0), box(X0 + 1500, Y0 - 3000, X0 + 3000, Y0),
-                  box(X0 + 3000, Y0 - 3000, X0 + 4000, Y0)],
+        geometry=[
+            box(X0, Y0 - 3000, X0 + 1500, Y0),
+            box(X0 + 1500, Y0 - 3000, X0 + 3000, Y0),
+            box(X0 + 3000, Y0 - 3000, X0 + 4000, Y0),
+        ],
         crs=UTM,
     )
     lith.to_file(tmp_path / "geology.gpkg", layer="lithology")
-    faults = gpd.GeoDataFrame({"id": [1]}, geometry=[LineString([(X0 - 1000, Y0 - 1450), (X0 + 5000, Y0 - 1450)])], crs=UTM)
+    faults = gpd.GeoDataFrame(
+        {"id": [1]}, geometry=[LineString([(X0 - 1000, Y0 - 1450), (X0 + 5000, Y0 - 1450)])], crs=UTM
+    )
     faults.to_file(tmp_path / "geology.gpkg", layer="faults")
     n = 150
     sx = rng.uniform(X0, X0 + W * RES, n)
     sy = rng.uniform(Y0 - H * RES, Y0, n)
     lon, lat = tr.transform(sx, sy)
-    df = pd.DataFrame({"X": lon, "Y": lat, "Cr": rng.lognormal(5, 0.5, n), "Ni": rng.lognormal(4, 0.5, n),
-                       "Co": rng.lognormal(3, 0.5, n)})
+    df = pd.DataFrame(
+        {
+            "X": lon,
+            "Y": lat,
+            "Cr": rng.lognormal(5, 0.5, n),
+            "Ni": rng.lognormal(4, 0.5, n),
+            "Co": rng.lognormal(3, 0.5, n),
+        }
+    )
     df.loc[3, "Ni"] = -9999
     df.loc[4, "Co"] = -0.5  # below detection: '< 0.5'
     df.to_csv(tmp_path / "samples.csv", index=False)

@@ -1,6 +1,6 @@
 """Bad input to ``mpm cube``: the config, rasters, vectors and point samples.
 
-Each case runs the CLI (``pipeline.cli.main``) on the small real province of ``mini_inputs`` with one
+Each case runs the CLI (``pipeline.run.cli.main``) on the small real province of ``mini_inputs`` with one
 thing wrong, and checks that it exits with status 2 and ONE line (``error: ...``) that names the item, the bad
 value and the fix, and that no cube (nor a temporary store) is left behind. A few cases are inputs that look
 wrong but must work (``handled``): the test checks the cube that comes out.
@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import RES, UTM, X0, Y0, H, W, smooth_field, write_raster
 from rasterio.transform import Affine, from_origin
 
-from pipeline.cli import main
-
-from conftest import H, RES, UTM, W, X0, Y0, smooth_field, write_raster
+from pipeline.run.cli import main
 
 NO_CUBE = "no cube.zarr, no temporary store"
 
@@ -63,7 +62,7 @@ def _run_expect_failure(cfg: Path, out: Path, capsys, *needles: str) -> str:
 
 def _build(cfg: Path, out: Path, capsys):
     """A cube that must build: returns it opened."""
-    from pipeline.cube import open_cube
+    from pipeline.data.cube import open_cube
 
     rc = main(["cube", str(cfg), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -95,10 +94,18 @@ def test_duplicate_layer_names(mini_inputs, tmp_path, capsys, reliability):
 @pytest.mark.parametrize(
     "line, needles",
     [
-        pytest.param("  - {name: m2, path: mag.tif, transform: sqrt}", ("layers[5] (name: 'm2').transform", "'sqrt'", "log"),
-                     marks=pytest.mark.reliability("config", "unknown transform"), id="transform"),
-        pytest.param("  - {name: m3, path: mag.tif, kind: hologram}", ("layers[5] (name: 'm3').kind", "'hologram'", "continuous"),
-                     marks=pytest.mark.reliability("config", "unknown layer kind"), id="kind"),
+        pytest.param(
+            "  - {name: m2, path: mag.tif, transform: sqrt}",
+            ("layers[5] (name: 'm2').transform", "'sqrt'", "log"),
+            marks=pytest.mark.reliability("config", "unknown transform"),
+            id="transform",
+        ),
+        pytest.param(
+            "  - {name: m3, path: mag.tif, kind: hologram}",
+            ("layers[5] (name: 'm3').kind", "'hologram'", "continuous"),
+            marks=pytest.mark.reliability("config", "unknown layer kind"),
+            id="kind",
+        ),
     ],
 )
 def test_unknown_transform_or_kind(mini_inputs, tmp_path, capsys, reliability, line, needles):
@@ -111,8 +118,9 @@ def test_unknown_transform_or_kind(mini_inputs, tmp_path, capsys, reliability, l
 @pytest.mark.reliability("config", "misspelt layer key")
 def test_unknown_config_key(mini_inputs, tmp_path, capsys, reliability):
     cfg = _with_layer(mini_inputs, "  - {name: m4, path: mag.tif, transfrom: log}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "transfrom", "unknown key", "did you mean 'transform'",
-                              "check its spelling")
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "transfrom", "unknown key", "did you mean 'transform'", "check its spelling"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -130,8 +138,9 @@ def test_yaml_syntax_error(mini_inputs, tmp_path, capsys, reliability):
     text[i] = text[i].replace("chunk: 16}", "chunk: 16")  # an unclosed flow mapping
     cfg = mini_inputs / "bad.yaml"
     cfg.write_text("\n".join(text) + "\n")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "bad.yaml", "not valid YAML at line", "opened at line 2",
-                              "unclosed bracket")
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "bad.yaml", "not valid YAML at line", "opened at line 2", "unclosed bracket"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -157,8 +166,9 @@ def test_unordered_bounds(mini_inputs, tmp_path, capsys, reliability):
         d["grid"]["bounds"] = [x1, y0, x0, y1]
 
     cfg = _edited(mini_inputs, swap)
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "grid.bounds", "xmin >= xmax", f"{X0 + W * RES:g}",
-                              "[xmin, ymin, xmax, ymax]")
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "grid.bounds", "xmin >= xmax", f"{X0 + W * RES:g}", "[xmin, ymin, xmax, ymax]"
+    )
     assert "ymin >= ymax" not in err
     reliability(observed=err, kept=NO_CUBE)
 
@@ -174,16 +184,24 @@ def test_unknown_crs(mini_inputs, tmp_path, capsys, reliability):
 def test_duplicate_classes(mini_inputs, tmp_path, capsys, reliability):
     # 'gabbro' twice would give two bands named lith_gabbro (before the fix the cube was built with both)
     cfg = _edited(mini_inputs, lambda d: d["layers"][2].update(classes=["ultramafic", "gabbro", "gabbro"]))
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "layers[2] (name: 'lith')", "['lith_gabbro']",
-                              "more than once", "list each value once in 'classes'")
+    err = _run_expect_failure(
+        cfg,
+        tmp_path / "o",
+        capsys,
+        "layers[2] (name: 'lith')",
+        "['lith_gabbro']",
+        "more than once",
+        "list each value once in 'classes'",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
 @pytest.mark.reliability("config", "band name clashes with another layer's class band")
 def test_band_name_clash(mini_inputs, tmp_path, capsys, reliability):
     cfg = _with_layer(mini_inputs, "  - {name: lith_gabbro, path: mag.tif, source: geophysics}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "band name 'lith_gabbro'", "clashes with layer 'lith'",
-                              "rename one of them")
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "band name 'lith_gabbro'", "clashes with layer 'lith'", "rename one of them"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -214,8 +232,18 @@ def test_wrong_crs_override(mini_inputs, tmp_path, capsys, reliability):
     arr, t = _mag_array()
     write_raster(mini_inputs / "bare.tif", arr, crs=None, transform=t)
     cfg = _with_layer(mini_inputs, '  - {name: bare, path: bare.tif, crs: "EPSG:4326"}')
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'bare'", "bare.tif", f"{X0:.0f}", "not longitude/latitude",
-                              "the layer's 'crs:'", "EPSG:4326", f"crs: {UTM}")
+    err = _run_expect_failure(
+        cfg,
+        tmp_path / "o",
+        capsys,
+        "'bare'",
+        "bare.tif",
+        f"{X0:.0f}",
+        "not longitude/latitude",
+        "the layer's 'crs:'",
+        "EPSG:4326",
+        f"crs: {UTM}",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -224,8 +252,16 @@ def test_file_tagged_with_wrong_crs(mini_inputs, tmp_path, capsys, reliability):
     arr, t = _mag_array()
     write_raster(mini_inputs / "tagged.tif", arr, crs="EPSG:4326", transform=t)  # metres, tagged as degrees
     cfg = _with_layer(mini_inputs, "  - {name: tagged, path: tagged.tif}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'tagged'", "not longitude/latitude", "the file declares",
-                              "EPSG:4326", "gdal_edit.py -a_srs")
+    err = _run_expect_failure(
+        cfg,
+        tmp_path / "o",
+        capsys,
+        "'tagged'",
+        "not longitude/latitude",
+        "the file declares",
+        "EPSG:4326",
+        "gdal_edit.py -a_srs",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -234,8 +270,17 @@ def test_raster_in_kilometres(mini_inputs, tmp_path, capsys, reliability):
     arr, _ = _mag_array()
     write_raster(mini_inputs / "km.tif", arr, transform=from_origin(X0 / 1000, Y0 / 1000, RES / 1000, RES / 1000))
     cfg = _with_layer(mini_inputs, "  - {name: km, path: km.tif}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'km'", "does not overlap", f"{X0 / 1000:g}",
-                              "look like kilometres", "metres", "multiply by 1000")
+    err = _run_expect_failure(
+        cfg,
+        tmp_path / "o",
+        capsys,
+        "'km'",
+        "does not overlap",
+        f"{X0 / 1000:g}",
+        "look like kilometres",
+        "metres",
+        "multiply by 1000",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -271,8 +316,9 @@ def test_zero_variance_after_masking(mini_inputs, tmp_path, capsys, reliability)
         d["grid"]["mask"] = "area.gpkg"
         d["layers"].append({"name": "half", "path": "half.tif"})
 
-    err = _run_expect_failure(_edited(mini_inputs, edit), tmp_path / "o", capsys, "'half'", "constant (7)",
-                              "over the study area", "remove it")
+    err = _run_expect_failure(
+        _edited(mini_inputs, edit), tmp_path / "o", capsys, "'half'", "constant (7)", "over the study area", "remove it"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -302,8 +348,16 @@ def test_truncated_geotiff(mini_inputs, tmp_path, capsys, reliability):
     with rasterio.open(p) as src:  # the header survives: the file opens, only its pixels are gone
         assert src.shape == (H, W)
     cfg = _with_layer(mini_inputs, "  - {name: cut, path: cut.tif}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'cut'", "cut.tif", "is truncated",
-                              f"it is {len(data) * 2 // 3} bytes", "copy or download the file again")
+    err = _run_expect_failure(
+        cfg,
+        tmp_path / "o",
+        capsys,
+        "'cut'",
+        "cut.tif",
+        "is truncated",
+        f"it is {len(data) * 2 // 3} bytes",
+        "copy or download the file again",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -316,7 +370,9 @@ def test_band_out_of_range(mini_inputs, tmp_path, capsys, reliability):
 
 @pytest.mark.reliability("raster", "log transform of non-positive values")
 def test_log_of_non_positive_values(mini_inputs, tmp_path, capsys, reliability):
-    write_raster(mini_inputs / "neg.tif", np.linspace(-5, 5, 2000).reshape(40, 50), transform=from_origin(X0, Y0, 100, 100))
+    write_raster(
+        mini_inputs / "neg.tif", np.linspace(-5, 5, 2000).reshape(40, 50), transform=from_origin(X0, Y0, 100, 100)
+    )
     cfg = _with_layer(mini_inputs, "  - {name: neg, path: neg.tif, transform: log}")
     err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'neg'", "positive", "nodata")
     reliability(observed=err, kept=NO_CUBE)
@@ -341,9 +397,11 @@ def test_inf_in_raster_is_nodata(mini_inputs, tmp_path, capsys, reliability):
     hit = ~np.isfinite(bad)
     assert np.isnan(ev[hit]).all() and not ds.valid.values.astype(bool)[hit].any()
     np.testing.assert_array_equal(ev[~hit], ref.evidence.sel(band="m").values[~hit])
-    reliability(observed=f"handled: exit 0; {int(hit.sum())} NaN/inf pixels read as nodata, no inf in the cube, "
-                         "the other pixels equal the clean raster's",
-                kept="cube.zarr, those pixels outside 'valid'")
+    reliability(
+        observed=f"handled: exit 0; {int(hit.sum())} NaN/inf pixels read as nodata, no inf in the cube, "
+        "the other pixels equal the clean raster's",
+        kept="cube.zarr, those pixels outside 'valid'",
+    )
 
 
 @pytest.mark.reliability("raster", "south-up raster (positive y pixel size) (handled)")
@@ -364,8 +422,7 @@ def test_south_up_raster_aligns(mini_inputs, tmp_path, capsys, reliability):
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(got, arr, rtol=1e-6)  # and both equal the field on the target grid
-    reliability(observed="handled: exit 0; the south-up raster aligns exactly like its north-up copy",
-                kept="cube.zarr")
+    reliability(observed="handled: exit 0; the south-up raster aligns exactly like its north-up copy", kept="cube.zarr")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,7 +457,9 @@ def test_empty_vector_layer(mini_inputs, tmp_path, capsys, reliability):
     faults = gpd.read_file(mini_inputs / "geology.gpkg", layer="faults")
     faults.iloc[:0].to_file(mini_inputs / "nofaults.gpkg", layer="faults")
     cfg = _with_layer(mini_inputs, "  - {name: f2, path: nofaults.gpkg, layer: faults, kind: distance}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'f2'", "layer 'faults'", "nofaults.gpkg", "no features (0 rows)")
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "'f2'", "layer 'faults'", "nofaults.gpkg", "no features (0 rows)"
+    )
     assert "query None" not in err
     reliability(observed=err, kept=NO_CUBE)
 
@@ -411,16 +470,24 @@ def test_vector_query_selects_nothing(mini_inputs, tmp_path, capsys, reliability
         mini_inputs,
         "  - {name: um, path: geology.gpkg, layer: lithology, kind: indicator, query: \"ROCKTYPE == 'Ultramafic'\"}",
     )
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'um'", "query \"ROCKTYPE == 'Ultramafic'\"",
-                              "selects no feature", "relax the query")
+    err = _run_expect_failure(
+        cfg,
+        tmp_path / "o",
+        capsys,
+        "'um'",
+        "query \"ROCKTYPE == 'Ultramafic'\"",
+        "selects no feature",
+        "relax the query",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
 @pytest.mark.reliability("vector", "layer name not in the GeoPackage")
 def test_wrong_vector_layer_name(mini_inputs, tmp_path, capsys, reliability):
     cfg = _with_layer(mini_inputs, "  - {name: f3, path: geology.gpkg, layer: fault, kind: distance}")
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'f3'", "layer 'fault'", "['lithology', 'faults']",
-                              "'layer' name")
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "'f3'", "layer 'fault'", "['lithology', 'faults']", "'layer' name"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -478,8 +545,15 @@ def test_lon_lat_swapped(mini_inputs, tmp_path, capsys, reliability):
     df = _samples(mini_inputs)
     df["X"], df["Y"] = df["Y"].copy(), df["X"].copy()  # x now holds latitudes (~36), y longitudes (~93)
     df.to_csv(mini_inputs / "samples.csv", index=False)
-    err = _run_expect_failure(mini_inputs / "run.yaml", tmp_path / "o", capsys, "'ss'", "cannot be placed on the grid",
-                              "swapped", "swap 'x' and 'y'")
+    err = _run_expect_failure(
+        mini_inputs / "run.yaml",
+        tmp_path / "o",
+        capsys,
+        "'ss'",
+        "cannot be placed on the grid",
+        "swapped",
+        "swap 'x' and 'y'",
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -491,17 +565,21 @@ def test_points_in_kilometres(mini_inputs, tmp_path, capsys, reliability):
     x, y = Transformer.from_crs("EPSG:4326", UTM, always_xy=True).transform(df["X"].to_numpy(), df["Y"].to_numpy())
     df["X"], df["Y"] = x / 1000, y / 1000
     df.to_csv(mini_inputs / "km.csv", index=False)
-    cfg = _with_layer(mini_inputs, f'  - {{name: km, path: km.csv, kind: points, x: X, y: Y, crs: "{UTM}", columns: [Cr]}}')
-    err = _run_expect_failure(cfg, tmp_path / "o", capsys, "'km'", "does not overlap", "look like kilometres",
-                              "multiply by 1000")
+    cfg = _with_layer(
+        mini_inputs, f'  - {{name: km, path: km.csv, kind: points, x: X, y: Y, crs: "{UTM}", columns: [Cr]}}'
+    )
+    err = _run_expect_failure(
+        cfg, tmp_path / "o", capsys, "'km'", "does not overlap", "look like kilometres", "multiply by 1000"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
 @pytest.mark.reliability("points", "CSV with a header and zero rows")
 def test_points_without_rows(mini_inputs, tmp_path, capsys, reliability):
     _samples(mini_inputs).iloc[:0].to_csv(mini_inputs / "samples.csv", index=False)
-    err = _run_expect_failure(mini_inputs / "run.yaml", tmp_path / "o", capsys, "'ss'", "samples.csv", "no data rows",
-                              "0 samples")
+    err = _run_expect_failure(
+        mini_inputs / "run.yaml", tmp_path / "o", capsys, "'ss'", "samples.csv", "no data rows", "0 samples"
+    )
     reliability(observed=err, kept=NO_CUBE)
 
 
@@ -545,9 +623,11 @@ def test_inf_sample_value_is_missing(mini_inputs, tmp_path, capsys, reliability)
     assert not np.isinf(ds.evidence.values).any()
     np.testing.assert_array_equal(ds.evidence.values, ref.evidence.values)
     np.testing.assert_array_equal(ds.valid.values, ref.valid.values)
-    reliability(observed="handled: exit 0; inf / -inf sample values are missing values (the cube equals the one "
-                         "with -9999 there), no inf in the cube",
-                kept="cube.zarr")
+    reliability(
+        observed="handled: exit 0; inf / -inf sample values are missing values (the cube equals the one "
+        "with -9999 there), no inf in the cube",
+        kept="cube.zarr",
+    )
 
 
 @pytest.mark.reliability("points", "duplicate sample coordinates with conflicting values (handled)")
@@ -558,17 +638,24 @@ def test_duplicate_sample_coordinates(mini_inputs, tmp_path, capsys, reliability
 
     ax, ay = X0 + 1234.0, Y0 - 1234.0  # off any pixel centre (a centre on a sample takes it exactly)
     bx, by = X0 + 2800.0, Y0 - 1234.0
-    pd.DataFrame({"E": [ax, ax, bx], "N": [ay, ay, by], "Au": [10.0, 30.0, 50.0]}).to_csv(mini_inputs / "dup.csv", index=False)
-    cfg = _with_layer(mini_inputs, f'  - {{name: au, path: dup.csv, kind: points, x: E, y: N, crs: "{UTM}", '
-                                   "columns: [Au], interpolation: {k: 2, radius: 400}}")
+    pd.DataFrame({"E": [ax, ax, bx], "N": [ay, ay, by], "Au": [10.0, 30.0, 50.0]}).to_csv(
+        mini_inputs / "dup.csv", index=False
+    )
+    cfg = _with_layer(
+        mini_inputs,
+        f'  - {{name: au, path: dup.csv, kind: points, x: E, y: N, crs: "{UTM}", '
+        "columns: [Au], interpolation: {k: 2, radius: 400}}",
+    )
     ds = _build(cfg, tmp_path / "o", capsys)
     au = ds.evidence.sel(band="au")
     near_a = float(au.sel(x=ax, y=ay, method="nearest"))
     near_b = float(au.sel(x=bx, y=by, method="nearest"))
     assert near_a == pytest.approx(20.0, rel=1e-6), near_a  # the mean of the two conflicting values
     assert near_b == pytest.approx(50.0, rel=1e-6)
-    reliability(observed=f"handled: exit 0; the pixel at the duplicated site holds {near_a:g}, the mean of 10 and 30",
-                kept="cube.zarr")
+    reliability(
+        observed=f"handled: exit 0; the pixel at the duplicated site holds {near_a:g}, the mean of 10 and 30",
+        kept="cube.zarr",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,7 +674,7 @@ def test_failed_rebuild_keeps_previous_cube(mini_inputs, tmp_path, capsys, relia
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "constant" in err and "\n" not in err
     assert sorted(p.name for p in out.glob("cube.zarr*")) == ["cube.zarr"]
-    from pipeline.cube import open_cube
+    from pipeline.data.cube import open_cube
 
     bands = list(open_cube(out / "cube.zarr").band.values)
     assert "flat" not in bands and "mag" in bands

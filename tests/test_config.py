@@ -34,10 +34,12 @@ def test_paths_resolve_against_config_folder(tmp_path):
 
 
 def test_defaults_and_band_names():
-    d = _with(layers=[
-        {"name": "lith", "path": "g.gpkg", "kind": "categorical", "classes": ["um", "gb"], "source": "geology"},
-        {"name": "ss", "path": "s.csv", "kind": "points", "x": "X", "y": "Y", "columns": ["Cr", "Ni"]},
-    ])
+    d = _with(
+        layers=[
+            {"name": "lith", "path": "g.gpkg", "kind": "categorical", "classes": ["um", "gb"], "source": "geology"},
+            {"name": "ss", "path": "s.csv", "kind": "points", "x": "X", "y": "Y", "columns": ["Cr", "Ni"]},
+        ]
+    )
     cfg = RunConfig.from_dict(d)
     assert cfg.band_names == ["lith_um", "lith_gb", "ss_Cr", "ss_Ni"]
     assert cfg.model.window % cfg.model.patch == 0 and cfg.cluster.kind == "local"
@@ -66,8 +68,14 @@ def test_with_updates_revalidates():
         (_with(train={"batch_size": "many"}), ["train.batch_size", "'many'"]),
         (_with(layers=[{"name": "a", "path": "a.csv", "kind": "points"}]), ["layers[0] (name: 'a')", "x, y, columns"]),
         (_with(layers=[{"name": "a", "path": "a.tif", "kind": "categorical"}]), ["layers[0] (name: 'a')", "classes"]),
-        (_with(layers=[{"name": "a", "path": "a.tif", "kind": "distance", "transform": "log"}]), ["'log'", "'distance'"]),
-        (_with(grid={"crs": "EPSG:32646", "resolution": 10, "mask_layers": ["nope"]}), ["mask_layers", "'nope'", "['mag']"]),
+        (
+            _with(layers=[{"name": "a", "path": "a.tif", "kind": "distance", "transform": "log"}]),
+            ["'log'", "'distance'"],
+        ),
+        (
+            _with(grid={"crs": "EPSG:32646", "resolution": 10, "mask_layers": ["nope"]}),
+            ["mask_layers", "'nope'", "['mag']"],
+        ),
         (_with(layers=[]), ["layers", "at least 1"]),
         (_with(colour="red"), ["colour", "unknown key"]),
     ],

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cubes import write_test_cube
 
 from pipeline.errors import MPMError
-
-from _cubes import write_test_cube
 
 ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 TESTS = Path(__file__).resolve().parent
@@ -45,8 +44,18 @@ ROOT = TESTS.parent
 # -- a lost DDP rank ---------------------------------------------------------------------------------
 
 
-MODEL = {"window": 16, "patch": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 32, "decoder_depth": 1,
-         "stem_channels": 8, "fusion_channels": 16, "mask_ratio": 0.5}
+MODEL = {
+    "window": 16,
+    "patch": 4,
+    "dim": 32,
+    "depth": 2,
+    "heads": 2,
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "stem_channels": 8,
+    "fusion_channels": 16,
+    "mask_ratio": 0.5,
+}
 
 
 def _ddp_config():
@@ -54,19 +63,29 @@ def _ddp_config():
 
     from pipeline.config import RunConfig
 
-    return RunConfig.from_dict({
-        "grid": {"crs": "EPSG:32646", "resolution": 100},
-        "layers": [{"name": b, "path": f"{b}.tif", "source": s} for b, s in zip(BANDS, SOURCES)],
-        "model": MODEL,
-        # 2 ranks x 4 windows a step, a checkpoint every 2 steps: long enough to kill a rank well inside
-        "train": {"epochs": 4, "batch_size": 8, "lr": 2e-3, "train_stride": 8, "checkpoint_every": 2, "seed": 0,
-                  "ddp_workers": 2, "device": "cpu"},
-    })
+    return RunConfig.from_dict(
+        {
+            "grid": {"crs": "EPSG:32646", "resolution": 100},
+            "layers": [{"name": b, "path": f"{b}.tif", "source": s} for b, s in zip(BANDS, SOURCES)],
+            "model": MODEL,
+            # 2 ranks x 4 windows a step, a checkpoint every 2 steps: long enough to kill a rank well inside
+            "train": {
+                "epochs": 4,
+                "batch_size": 8,
+                "lr": 2e-3,
+                "train_stride": 8,
+                "checkpoint_every": 2,
+                "seed": 0,
+                "ddp_workers": 2,
+                "device": "cpu",
+            },
+        }
+    )
 
 
 def _cluster():
-    from pipeline.cluster import make_cluster
     from pipeline.config import ClusterConfig
+    from pipeline.run.cluster import make_cluster
 
     return make_cluster(ClusterConfig(kind="local", n_workers=2, threads_per_worker=1, memory_limit="2GiB"))
 
@@ -84,9 +103,9 @@ def _close(client) -> None:
 @pytest.mark.slow  # ~60 s (130 s on a busy box): three clusters of two worker processes, three DDP trainings
 @pytest.mark.reliability("fault", "DDP rank's worker process killed during training")
 def test_lost_ddp_rank_is_one_clear_error_and_the_rerun_resumes(tmp_path, reliability):
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.cluster import ClusterError
-    from pipeline.train import train
+    from pipeline.models.checkpoint import load_checkpoint
+    from pipeline.run.cluster import ClusterError
+    from pipeline.run.runner import train
 
     cube = write_test_cube(tmp_path / "cube.zarr")
     cfg = _ddp_config()
@@ -147,9 +166,11 @@ def test_lost_ddp_rank_is_one_clear_error_and_the_rerun_resumes(tmp_path, reliab
     a, b = load_checkpoint(ref)[0].state_dict(), load_checkpoint(out / "model.pt")[0].state_dict()
     for k in a:
         assert torch_equal(a[k], b[k]), k
-    reliability(observed=f"error: {msg} (raised {stopped_after:.1f} s after the kill); the rerun resumed from "
-                f"step {last} and its weights equal an undisturbed run's bit for bit",
-                kept=f"checkpoint.pt at step {last}; no model.pt")
+    reliability(
+        observed=f"error: {msg} (raised {stopped_after:.1f} s after the kill); the rerun resumed from "
+        f"step {last} and its weights equal an undisturbed run's bit for bit",
+        kept=f"checkpoint.pt at step {last}; no model.pt",
+    )
 
 
 def torch_equal(a, b) -> bool:
@@ -172,14 +193,15 @@ WRITER = textwrap.dedent(
     out = Path({out!r})
     from expected_outputs import expected
     from pipeline import io
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.compare import _write_zarr_atomic
-    from pipeline.cube import write_cube
-    from pipeline.report import write_report
-    from pipeline.runner import _write_manifest, quicklook_stage
-    from pipeline.sinks import write_cog
-    from pipeline.targets import write_targets
-    from pipeline.evaluate import write_metrics
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.evaluation.experiments import write_zarr_atomic
+    from pipeline.data.cube import write_cube
+    from pipeline.evaluation.report import write_report
+    from pipeline.stages import _write_manifest
+    from pipeline.run.runner import quicklook_stage
+    from pipeline.scoring.sinks import write_cog
+    from pipeline.evaluation.targets import write_targets
+    from pipeline.evaluation.evaluate import write_metrics
 
     e = expected()
     writers = [
@@ -190,7 +212,7 @@ WRITER = textwrap.dedent(
         ("report.html", lambda p: write_report(e["html"], p)),
         ("targets.gpkg", lambda p: write_targets(e["targets"], p)),
         ("prospectivity.tif", lambda p: write_cog(e["map"], p, blocksize=64)),
-        ("uncertainty.zarr", lambda p: _write_zarr_atomic(e["small"], p)),
+        ("uncertainty.zarr", lambda p: write_zarr_atomic(e["small"], p)),
         ("checkpoint.pt", lambda p: save_checkpoint(p, e["model"], **e["ckpt_meta"])),
         ("bands.png", lambda p: quicklook_stage(out / "cube.zarr", out, log=lambda s: None)),
     ]
@@ -212,13 +234,16 @@ def _read_and_check(path: Path, exp: dict) -> None:
     import torch
     import xarray as xr
 
-    from pipeline.targets import read_targets
+    from pipeline.evaluation.targets import read_targets
 
     name = path.name
     if name in ("stages.json", "metrics.json", "train_summary.json"):
         got = json.loads(path.read_bytes())
-        want = {"stages.json": exp["stages"], "metrics.json": json.loads(json.dumps(exp["metrics"])),
-                "train_summary.json": exp["summary"]}[name]
+        want = {
+            "stages.json": exp["stages"],
+            "metrics.json": json.loads(json.dumps(exp["metrics"])),
+            "train_summary.json": exp["summary"],
+        }[name]
         assert got == want, f"{name} differs from what was written"
     elif name == "report.html":
         assert path.read_text(encoding="utf-8") == exp["html"]
@@ -238,7 +263,7 @@ def _read_and_check(path: Path, exp: dict) -> None:
 
         assert matplotlib.image.imread(path).shape[0] > 10
     elif name == "cube.zarr":
-        from pipeline.cube import open_cube
+        from pipeline.data.cube import open_cube
 
         np.testing.assert_array_equal(open_cube(path)["evidence"].values, exp["cube"]["evidence"].values)
     elif name == "uncertainty.zarr":
@@ -249,8 +274,16 @@ def _read_and_check(path: Path, exp: dict) -> None:
 
 
 ROUNDS = 1  # one writer process killed at a random point (~15 s); more rounds: more points, same checks
-FILES = ("stages.json", "metrics.json", "train_summary.json", "report.html", "targets.gpkg", "prospectivity.tif",
-         "checkpoint.pt", "bands.png")
+FILES = (
+    "stages.json",
+    "metrics.json",
+    "train_summary.json",
+    "report.html",
+    "targets.gpkg",
+    "prospectivity.tif",
+    "checkpoint.pt",
+    "bands.png",
+)
 STORES = ("cube.zarr", "uncertainty.zarr")
 
 
@@ -258,8 +291,9 @@ STORES = ("cube.zarr", "uncertainty.zarr")
 def expected_module(tmp_path_factory):
     """A module (a file the writer process imports too) that builds every output's expected content."""
     d = tmp_path_factory.mktemp("expected")
-    (d / "expected_outputs.py").write_text(textwrap.dedent(
-        """
+    (d / "expected_outputs.py").write_text(
+        textwrap.dedent(
+            """
         import numpy as np
         _CACHE = {}
 
@@ -272,7 +306,7 @@ def expected_module(tmp_path_factory):
             from shapely.geometry import box
             from _cubes import make_arrays, BANDS, SOURCES
             from pipeline.config import ModelConfig
-            from pipeline.cube import from_arrays
+            from pipeline.data.cube import from_arrays
             from pipeline.models import build_model, group_indices
 
             ev, valid = make_arrays(64)
@@ -300,7 +334,8 @@ def expected_module(tmp_path_factory):
             )
             return _CACHE
         """
-    ))
+        )
+    )
     sys.path.insert(0, str(d))
     sys.path.insert(0, str(TESTS))
     from expected_outputs import expected
@@ -317,15 +352,19 @@ def test_killed_writers_never_expose_a_half_written_file(expected_module, tmp_pa
     out.mkdir()
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(tests=str(TESTS), out=str(out)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mod_dir), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(mod_dir), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     rng = random.Random(1234)
     reads = 0
     torn: list[str] = []
     left_over: set[str] = set()
-    for round_ in range(ROUNDS):
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    for _round in range(ROUNDS):
+        proc = subprocess.Popen(
+            [sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
             stop = time.monotonic() + rng.uniform(3.0, 6.0)  # a random point of the write loop
@@ -357,10 +396,12 @@ def test_killed_writers_never_expose_a_half_written_file(expected_module, tmp_pa
             _read_and_check(out / name, exp)
         assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert reads > 20
-    reliability(observed=f"{reads} full reads of {len(FILES)} kinds of file during the writes, none torn; after each of "
-                f"{ROUNDS} SIGKILL(s) at a random point every output ({', '.join(FILES + STORES)}) was complete and equal to what was written",
-                kept=f"the last complete version of each output; temporaries of {sorted(left_over) or 'none'} "
-                "(recognised by pipeline.io.stale_temporaries, removed before a stage reruns)")
+    reliability(
+        observed=f"{reads} full reads of {len(FILES)} kinds of file during the writes, none torn; after each of "
+        f"{ROUNDS} SIGKILL(s) at a random point every output ({', '.join(FILES + STORES)}) was complete and equal to what was written",
+        kept=f"the last complete version of each output; temporaries of {sorted(left_over) or 'none'} "
+        "(recognised by pipeline.io.stale_temporaries, removed before a stage reruns)",
+    )
 
 
 # -- the stage runner under failures ------------------------------------------------------------------
@@ -370,14 +411,16 @@ def test_killed_writers_never_expose_a_half_written_file(expected_module, tmp_pa
 def tiny_cfg(tmp_path):
     from pipeline.config import RunConfig
 
-    return RunConfig.from_dict({"grid": {"crs": "EPSG:32646", "resolution": 100},
-                                "layers": [{"name": "a", "path": "a.tif"}]}, base_dir=tmp_path)
+    return RunConfig.from_dict(
+        {"grid": {"crs": "EPSG:32646", "resolution": 100}, "layers": [{"name": "a", "path": "a.tif"}]},
+        base_dir=tmp_path,
+    )
 
 
 @pytest.mark.reliability("interrupt", "exception or Ctrl-C inside a stage: never marked done, redone on rerun")
 def test_a_failed_or_interrupted_stage_is_never_marked_done(tmp_path, tiny_cfg, reliability):
     from pipeline.io import atomic_write_text, temporary_name
-    from pipeline.runner import StageInterrupted, run_stage
+    from pipeline.run.runner import StageInterrupted, run_stage
 
     out = tmp_path / "o"
     target = out / "thing.txt"
@@ -412,22 +455,28 @@ def test_a_failed_or_interrupted_stage_is_never_marked_done(tmp_path, tiny_cfg, 
     assert run_stage("thing", tiny_cfg, out, [target], ("grid",), write, log=log.append)  # redone, not skipped
     assert log[0] == "[thing] running ..." and not list(out.glob("*.tmp-*"))  # the half-written temporary went
     assert not run_stage("thing", tiny_cfg, out, [target], ("grid",), write, log=log.append)  # now up to date
-    reliability(observed="the failed and the interrupted stage (StageInterrupted 'thing', exit 130 in the CLI) were "
-                "not in stages.json; the rerun ran the stage again, then skipped it",
-                kept="the previous complete output; the killed writer's temporary, removed before the rerun")
+    reliability(
+        observed="the failed and the interrupted stage (StageInterrupted 'thing', exit 130 in the CLI) were "
+        "not in stages.json; the rerun ran the stage again, then skipped it",
+        kept="the previous complete output; the killed writer's temporary, removed before the rerun",
+    )
 
 
 @pytest.mark.reliability("interrupt", "partial score store and a stale stages.json record: not taken for done")
 def test_a_partial_store_is_never_taken_for_done(tmp_path, tiny_cfg, reliability):
     import xarray as xr
 
-    from pipeline.runner import _hash, _write_manifest, open_scores, output_complete, run_stage, stage_key
+    from pipeline.scoring.score import open_scores
+    from pipeline.stages import _write_manifest, output_complete, run_stage, stage_key
+    from pipeline.stages import digest as _hash
 
     out = tmp_path / "o"
     out.mkdir()
     store = out / "prospectivity.zarr"
-    xr.Dataset({"prospectivity": (("y", "x"), np.zeros((4, 4), "float32"))},
-               attrs={"mpm_complete": False, "mpm_write_fingerprint": "x"}).to_zarr(store, zarr_format=3, consolidated=False)
+    xr.Dataset(
+        {"prospectivity": (("y", "x"), np.zeros((4, 4), "float32"))},
+        attrs={"mpm_complete": False, "mpm_write_fingerprint": "x"},
+    ).to_zarr(store, zarr_format=3, consolidated=False)
     assert not output_complete(store)
     with pytest.raises(MPMError, match="incomplete.*rerun the same `mpm run` command") as err:
         open_scores(store)
@@ -438,11 +487,16 @@ def test_a_partial_store_is_never_taken_for_done(tmp_path, tiny_cfg, reliability
 
     def finish():
         ran.append(1)
-        xr.Dataset({"prospectivity": (("y", "x"), np.ones((4, 4), "float32"))},
-                   attrs={"mpm_complete": True}).to_zarr(store, mode="w", zarr_format=3, consolidated=False)
+        xr.Dataset({"prospectivity": (("y", "x"), np.ones((4, 4), "float32"))}, attrs={"mpm_complete": True}).to_zarr(
+            store, mode="w", zarr_format=3, consolidated=False
+        )
 
     assert run_stage("score", tiny_cfg, out, [store], ("score",), finish, log=lambda s: None) and ran == [1]
-    assert output_complete(store) and not run_stage("score", tiny_cfg, out, [store], ("score",), finish,
-                                                     log=lambda s: None)
-    reliability(observed=f"evaluate/report refuse it: error: {err.value}; the score stage ran again although "
-                "stages.json had a matching record", kept="prospectivity.zarr marked mpm_complete: false until finished")
+    assert output_complete(store) and not run_stage(
+        "score", tiny_cfg, out, [store], ("score",), finish, log=lambda s: None
+    )
+    reliability(
+        observed=f"evaluate/report refuse it: error: {err.value}; the score stage ran again although "
+        "stages.json had a matching record",
+        kept="prospectivity.zarr marked mpm_complete: false until finished",
+    )

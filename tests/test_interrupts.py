@@ -1,6 +1,6 @@
 """Interrupted `mpm run`: SIGINT (Ctrl-C) and SIGKILL inside each stage, then the same command again.
 
-Every run is a real `python -m pipeline.cli run` subprocess on a tiny synthetic province (64 px, a
+Every run is a real `python -m pipeline.run.cli run` subprocess on a tiny synthetic province (64 px, a
 LocalCluster of one worker process for train and score). The signal goes to the run's whole process group
 for SIGINT (what Ctrl-C in a terminal does: the Dask worker gets it too) and to the CLI process alone for
 SIGKILL (what the OOM killer does; its worker must not outlive it). After the interruption:
@@ -41,7 +41,7 @@ RUN_TIMEOUT = 240  # s: a hung run fails the test instead of hanging the suite
 
 def write_config(folder: Path, *, seed: int = 0, **cluster) -> Path:
     """The 64-px synthetic province with a short training (8 steps, a checkpoint every 2) and 2 x 2 regions."""
-    from pipeline.synthetic import write_province
+    from pipeline.data.synthetic import write_province
 
     prov = write_province(folder / "province", size=64, seed=seed)
     cfg = yaml.safe_load(prov.config_path.read_text())
@@ -63,16 +63,23 @@ class Run:
     def __init__(self, config: Path, out: Path, *extra: str):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", str(config), "--out", str(out), "--quiet", *extra],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, "-m", "pipeline.run.cli", "run", str(config), "--out", str(out), "--quiet", *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
             # a terminal's Ctrl-C: a suite started in the background (`make reliability &`) inherits SIGINT
             # ignored, and Python then installs no KeyboardInterrupt handler
             preexec_fn=_default_sigint,
         )
         self.out: list[str] = []
         self.err: list[str] = []
-        self._threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
-                         for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._threads = [
+            threading.Thread(target=self._pump, args=(s, b), daemon=True)
+            for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
         for t in self._threads:
             t.start()
 
@@ -150,18 +157,18 @@ def check_loadable(path: Path) -> None:
 
     name = path.name
     if name == "cube.zarr":
-        from pipeline.cube import open_cube
+        from pipeline.data.cube import open_cube
 
         ds = open_cube(path)
         assert np.isfinite(ds["scale"].values).all()
         ds["evidence"].values  # noqa: B018  (every chunk read)
     elif name.endswith(".zarr"):
-        from pipeline.sinks import is_complete
+        from pipeline.scoring.sinks import is_complete
 
         assert is_complete(path), f"{path} is under its final name and marked done, but incomplete"
         xr.open_zarr(path, consolidated=False)["prospectivity"].values  # noqa: B018
     elif name.endswith(".pt"):
-        from pipeline.checkpoint import load_checkpoint
+        from pipeline.models.checkpoint import load_checkpoint
 
         load_checkpoint(path)
     elif name.endswith(".tif"):
@@ -172,7 +179,7 @@ def check_loadable(path: Path) -> None:
     elif name.endswith(".json"):
         json.loads(path.read_text())
     elif name.endswith(".gpkg"):
-        from pipeline.targets import read_targets
+        from pipeline.evaluation.targets import read_targets
 
         read_targets(path)
     elif name.endswith(".html"):
@@ -190,7 +197,7 @@ def check_consistent(out: Path) -> list[str]:
     is loadable (the resumable score store excepted: it may be there, marked incomplete, for the rerun to
     resume); no final-named file is half-written.
     """
-    from pipeline.sinks import is_complete
+    from pipeline.scoring.sinks import is_complete
 
     done = stages_done(out)
     for name, rec in done.items():
@@ -214,8 +221,8 @@ def compare_outputs(ref: Path, out: Path) -> None:
     import xarray as xr
     from geopandas.testing import assert_geodataframe_equal
 
-    from pipeline.cube import open_cube
-    from pipeline.targets import read_targets
+    from pipeline.data.cube import open_cube
+    from pipeline.evaluation.targets import read_targets
 
     a, b = open_cube(ref / "cube.zarr"), open_cube(out / "cube.zarr")
     for v in ("evidence", "valid", "center", "scale"):
@@ -272,8 +279,8 @@ def interrupt(config: Path, out: Path, stage: str, sig: int) -> Run:
     elif stage == "score":  # well inside: after a first region is on disk
         regions = out / "prospectivity.zarr" / ".mpm_regions"
         r.wait_for(lambda: regions.is_dir() and any(regions.iterdir()), what="the first scored region")
-    else:
-        time.sleep(0.3)
+    else:  # short stages (evaluate takes about 1 s): the "running" line is printed as the stage starts
+        time.sleep(0.05)
     if sig == signal.SIGINT:
         os.killpg(r.proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
     else:
@@ -304,10 +311,19 @@ def _resumed_from(out: Path) -> int:
 # Each case costs about one whole run (~30-40 s on a quiet 2-core box): the default run keeps the most
 # common one (Ctrl-C during training on the cluster), the rest of the matrix is slow.
 DEFAULT_CASES = {("train", "SIGINT")}
-CASES = [pytest.param(stage, sig, marks=[pytest.mark.reliability("interrupt", f"{sig} during stage {stage}"),
-                                          *([] if (stage, sig) in DEFAULT_CASES else [pytest.mark.slow])],
-                      id=f"{sig}-{stage}")
-         for sig in ("SIGINT", "SIGKILL") for stage in STAGES]
+CASES = [
+    pytest.param(
+        stage,
+        sig,
+        marks=[
+            pytest.mark.reliability("interrupt", f"{sig} during stage {stage}"),
+            *([] if (stage, sig) in DEFAULT_CASES else [pytest.mark.slow]),
+        ],
+        id=f"{sig}-{stage}",
+    )
+    for sig in ("SIGINT", "SIGKILL")
+    for stage in STAGES
+]
 
 
 @pytest.mark.parametrize("stage,sig", CASES)
@@ -318,10 +334,13 @@ def test_interrupted_run_resumes_to_identical_outputs(reference, tmp_path, stage
     if sig == "SIGINT":
         assert r.proc.returncode == 130, r.log()
         said = [line for line in r.err if line.startswith("interrupted")]
-        assert said == [f"interrupted during stage '{stage}': finished stages and outputs are kept; "
-                        "rerun the same command to resume"], r.log()
-        assert not any("Traceback" in line or "KeyboardInterrupt" in line or " - distributed." in line
-                       for line in r.err), r.log()
+        assert said == [
+            f"interrupted during stage '{stage}': finished stages and outputs are kept; "
+            "rerun the same command to resume"
+        ], r.log()
+        assert not any(
+            "Traceback" in line or "KeyboardInterrupt" in line or " - distributed." in line for line in r.err
+        ), r.log()
         observed = f"exit 130, one line: {said[0]}; "
     else:
         assert r.proc.returncode == -signal.SIGKILL
@@ -329,7 +348,11 @@ def test_interrupted_run_resumes_to_identical_outputs(reference, tmp_path, stage
     assert r.group_gone(), "a Dask worker process outlived the interrupted `mpm run`"
     done = check_consistent(out)
     assert done == list(STAGES[: STAGES.index(stage)]), f"stages.json after the interruption: {done}"
-    partial = "prospectivity.zarr (incomplete, resumable); " if (out / "prospectivity.zarr").exists() and stage == "score" else ""
+    partial = (
+        "prospectivity.zarr (incomplete, resumable); "
+        if (out / "prospectivity.zarr").exists() and stage == "score"
+        else ""
+    )
     ckpt = (out / "checkpoint.pt").exists() and stage == "train"
 
     skipped, ran = check_rerun(ref, config, out, stage)
@@ -337,10 +360,13 @@ def test_interrupted_run_resumes_to_identical_outputs(reference, tmp_path, stage
     if ckpt:
         assert resumed > 0, "the rerun did not resume training from checkpoint.pt"
     reliability(
-        observed=observed + f"the rerun skipped {skipped or 'nothing'}, ran {ran}"
+        observed=observed
+        + f"the rerun skipped {skipped or 'nothing'}, ran {ran}"
         + (f" (training resumed from step {resumed})" if ckpt else "")
         + "; every output equals an undisturbed run's",
-        kept=f"stages.json: {done or 'no stage'} done; " + partial + ("checkpoint.pt; " if ckpt else "")
+        kept=f"stages.json: {done or 'no stage'} done; "
+        + partial
+        + ("checkpoint.pt; " if ckpt else "")
         + "no half-written file under a final name",
     )
 
@@ -362,8 +388,10 @@ def test_forced_rerun_killed_in_score_is_not_taken_for_done(reference, tmp_path,
     (out / "stages.json").write_text(json.dumps(manifest))
     r = Run(config, out, "--force", "--stages", "train,score")
     regions = out / "prospectivity.zarr" / ".mpm_regions"
-    r.wait_for(lambda: r.line("[score] running") and regions.is_dir() and any(regions.iterdir()),
-               what="the forced score stage to write a first region")
+    r.wait_for(
+        lambda: r.line("[score] running") and regions.is_dir() and any(regions.iterdir()),
+        what="the forced score stage to write a first region",
+    )
     os.kill(r.proc.pid, signal.SIGKILL)
     r.finish(120)
     assert r.group_gone()
@@ -374,6 +402,8 @@ def test_forced_rerun_killed_in_score_is_not_taken_for_done(reference, tmp_path,
     assert ran == ["score", "evaluate", "report"], again.log()  # score, and what was built from the old map
     assert check_consistent(out) == list(STAGES)
     compare_outputs(ref, out)
-    reliability(observed=f"the rerun without --force ran {ran} (score, and the stages built from the old map); "
-                "outputs equal an undisturbed run's",
-                kept=f"stages.json: {done} done, score not; prospectivity.zarr marked incomplete")
+    reliability(
+        observed=f"the rerun without --force ran {ran} (score, and the stages built from the old map); "
+        "outputs equal an undisturbed run's",
+        kept=f"stages.json: {done} done, score not; prospectivity.zarr marked incomplete",
+    )

@@ -26,8 +26,9 @@ def execute(name: str, params: dict, timeout: int = 300):
     cell = nbformat.v4.new_code_cell(src)
     cell.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(idx + 1, cell)
-    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     client.execute()
     return nb
 
@@ -66,8 +67,10 @@ def test_quickstart_runs(tmp_path):
 
 @pytest.mark.slow  # ~62 s on the 2-core sandbox (two clusters' worth of processes and a kernel)
 def test_province_scale_runs_with_local_fallback_and_gpu_resources(tmp_path):
-    nb = execute("03_province_scale.ipynb", {"SIZE": 64, "CHUNK": 32, "EPOCHS": 1, "STEPS": 2, "LOCAL_GPUS": 1,
-                                              "OUT": str(tmp_path)})
+    nb = execute(
+        "03_province_scale.ipynb",
+        {"SIZE": 64, "CHUNK": 32, "EPOCHS": 1, "STEPS": 2, "LOCAL_GPUS": 1, "OUT": str(tmp_path)},
+    )
     text = text_of(nb)
     assert "2 workers, GPU resources: True" in text and "'GPU': 1" in text
     assert "evidence chunks (band, y, x)" in text and "(32, 32)" in text

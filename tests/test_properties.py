@@ -20,15 +20,19 @@ import numpy as np
 import pytest
 import rioxarray  # noqa: F401  (the .rio accessor)
 import xarray as xr
+from conftest import write_raster
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_raster
-
 ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 # expensive examples: report the failing example as found (shrinking a scoring run can take minutes)
 NO_SHRINK = dict(phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
@@ -45,7 +49,7 @@ CRS_SPECS = [
     ("EPSG:3857", (-1.5e7, 1.5e7), (-7e6, 7e6), (10.0, 30.0, 100.0, 1000.0)),
     ("EPSG:4326", (-170.0, 160.0), (-55.0, 70.0), (0.0001, 0.00025, 0.001, 0.0083333333333, 0.01, 0.05)),
 ]
-INT_RANGES = {"uint8": (0, 255), "uint16": (0, 65535), "int16": (-32768, 32767), "int32": (-2**31, 2**31 - 1)}
+INT_RANGES = {"uint8": (0, 255), "uint16": (0, 65535), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
 
 
 PROJECTED = [s for s in CRS_SPECS if s[0] != "EPSG:4326"]
@@ -73,8 +77,9 @@ def raster_specs(draw, crs_specs=tuple(PROJECTED)):
     how = draw(st.sampled_from(["like", "bounds"]))
     chunk = draw(st.sampled_from([16, 23, 64, 512]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return dict(crs=crs, rx=rx, ry=ry, w=w, h=h, x0=x0, y0=y0, dtype=dtype, nodata=nodata, how=how, chunk=chunk,
-                seed=seed)
+    return dict(
+        crs=crs, rx=rx, ry=ry, w=w, h=h, x0=x0, y0=y0, dtype=dtype, nodata=nodata, how=how, chunk=chunk, seed=seed
+    )
 
 
 def _random_values(spec) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +106,7 @@ def _check_alignment_identity(spec) -> None:
     from rasterio.transform import from_origin
 
     from pipeline.config import RunConfig
-    from pipeline.grid import target_geobox
-    from pipeline.ingest import open_raster_layer
+    from pipeline.data.ingest import open_raster_layer, target_geobox
 
     vals, mask = _random_values(spec)
     with tempfile.TemporaryDirectory() as d:
@@ -110,14 +114,20 @@ def _check_alignment_identity(spec) -> None:
         file_vals = vals.copy()
         file_vals[mask] = spec["nodata"]
         transform = from_origin(spec["x0"], spec["y0"], spec["rx"], spec["ry"])
-        write_raster(d / "r.tif", file_vals, crs=spec["crs"], transform=transform, nodata=spec["nodata"],
-                     dtype=spec["dtype"])
+        write_raster(
+            d / "r.tif", file_vals, crs=spec["crs"], transform=transform, nodata=spec["nodata"], dtype=spec["dtype"]
+        )
         if spec["how"] == "like":
             grid = {"like": "r.tif", "chunk": spec["chunk"]}
         else:
             with rasterio.open(d / "r.tif") as src:
                 bounds = list(src.bounds)
-            grid = {"crs": spec["crs"], "resolution": [spec["rx"], spec["ry"]], "bounds": bounds, "chunk": spec["chunk"]}
+            grid = {
+                "crs": spec["crs"],
+                "resolution": [spec["rx"], spec["ry"]],
+                "bounds": bounds,
+                "chunk": spec["chunk"],
+            }
         cfg = RunConfig.from_dict({"grid": grid, "layers": [{"name": "r", "path": "r.tif"}]}, base_dir=d)
         geobox = target_geobox(cfg)
         assert tuple(geobox.shape) == vals.shape, f"grid shape {tuple(geobox.shape)} != raster shape {vals.shape}"
@@ -127,9 +137,12 @@ def _check_alignment_identity(spec) -> None:
         x, y = da["x"].values, da["y"].values
     want = vals.astype("float32")
     want[mask] = np.nan
-    assert np.array_equal(np.isnan(got), mask), f"nodata pixels differ at {np.argwhere(np.isnan(got) != mask)[:5].tolist()}"
+    assert np.array_equal(np.isnan(got), mask), (
+        f"nodata pixels differ at {np.argwhere(np.isnan(got) != mask)[:5].tolist()}"
+    )
     assert np.array_equal(got.view(np.uint32)[~mask], want.view(np.uint32)[~mask]), (
-        f"values differ at {np.argwhere((got != want) & ~mask)[:5].tolist()}")
+        f"values differ at {np.argwhere((got != want) & ~mask)[:5].tolist()}"
+    )
     # pixel centres of the output are the raster's
     tol = 1e-9 * max(1.0, abs(spec["x0"]), abs(spec["y0"]))
     np.testing.assert_allclose(x, spec["x0"] + spec["rx"] * (np.arange(spec["w"]) + 0.5), rtol=0, atol=tol)
@@ -155,10 +168,12 @@ def test_alignment_onto_its_own_grid_is_identity(reliability):
     crss = sorted({s["crs"] for s in seen})
     sizes = [s["w"] * s["h"] for s in seen]
     assert len(crss) == len(PROJECTED) and len({s["dtype"] for s in seen}) >= 4, (crss, {s["dtype"] for s in seen})
-    reliability(observed=f"{len(seen)} random rasters ({min(sizes)}-{max(sizes)} px; {', '.join(crss)}; 6 dtypes; "
-                         "random origins, square and rectangular pixels, nodata incl. NaN; grid from 'like' and from "
-                         "crs/resolution/bounds): values bitwise identical in float32, nodata -> NaN",
-                kept="n/a (read-only; temporary GeoTIFFs)")
+    reliability(
+        observed=f"{len(seen)} random rasters ({min(sizes)}-{max(sizes)} px; {', '.join(crss)}; 6 dtypes; "
+        "random origins, square and rectangular pixels, nodata incl. NaN; grid from 'like' and from "
+        "crs/resolution/bounds): values bitwise identical in float32, nodata -> NaN",
+        kept="n/a (read-only; temporary GeoTIFFs)",
+    )
 
 
 @pytest.mark.reliability("property", "raster aligned onto its own grid is the identity (lon/lat grid)")
@@ -166,13 +181,17 @@ def test_alignment_onto_its_own_lonlat_grid_is_identity(reliability):
     try:
         seen = _run_alignment(LONLAT, 20)
     except Exception as exc:
-        reliability(observed=f"lon/lat grid: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                    kept="n/a (read-only; temporary GeoTIFFs)")
+        reliability(
+            observed=f"lon/lat grid: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            kept="n/a (read-only; temporary GeoTIFFs)",
+        )
         raise
     sizes = [s["w"] * s["h"] for s in seen]
-    reliability(observed=f"{len(seen)} random lon/lat rasters ({min(sizes)}-{max(sizes)} px; 6 dtypes; grid from 'like' "
-                         "and from crs/resolution/bounds): values bitwise identical in float32, nodata -> NaN",
-                kept="n/a (read-only; temporary GeoTIFFs)")
+    reliability(
+        observed=f"{len(seen)} random lon/lat rasters ({min(sizes)}-{max(sizes)} px; 6 dtypes; grid from 'like' "
+        "and from crs/resolution/bounds): values bitwise identical in float32, nodata -> NaN",
+        kept="n/a (read-only; temporary GeoTIFFs)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,22 +265,21 @@ def _deposits(m: dict):
 
 
 def _all_metrics(score: xr.DataArray, deposits) -> dict:
-    from pipeline import evaluate as ev
     from pipeline.config import EvaluateConfig
+    from pipeline.evaluation import evaluate as ev
 
     fpr, tpr, auc = ev.roc_curve(score, deposits)
     area, dep, sr = ev.success_rate_curve(score, deposits)
     pa = ev.prediction_area(score, deposits, n_thresholds=51)
     summary = ev.evaluate_map(score, deposits, EvaluateConfig(repeats=3, seed=3), n_permutations=49)
-    return dict(auc=auc, fpr=fpr, tpr=tpr, sr_area=area, sr_dep=dep,
-                sr=sr, pa=pa, summary=summary)
+    return dict(auc=auc, fpr=fpr, tpr=tpr, sr_area=area, sr_dep=dep, sr=sr, pa=pa, summary=summary)
 
 
 @pytest.mark.reliability("property", "metrics invariant to strictly increasing transforms of the score")
 def test_metrics_invariant_to_monotone_transforms(reliability, caplog):
     import logging
 
-    caplog.set_level(logging.ERROR, logger="pipeline.evaluate")  # dropped-deposit warnings are expected here
+    caplog.set_level(logging.ERROR, logger="pipeline.evaluation.deposits")  # dropped-deposit warnings are expected here
     seen: list[dict] = []
 
     @settings(max_examples=10, **SETTINGS)
@@ -285,7 +303,9 @@ def test_metrics_invariant_to_monotone_transforms(reliability, caplog):
         np.testing.assert_array_equal(pa.prediction_rate, pb.prediction_rate)
         np.testing.assert_array_equal(pa.occupied_area, pb.occupied_area)
         np.testing.assert_array_equal(pa.percentiles, pb.percentiles)
-        assert (pa.rate, pa.area, pa.normalised_density) == pytest.approx((pb.rate, pb.area, pb.normalised_density), abs=1e-12)
+        assert (pa.rate, pa.area, pa.normalised_density) == pytest.approx(
+            (pb.rate, pb.area, pb.normalised_density), abs=1e-12
+        )
         # thresholds are scores themselves: they are the transformed thresholds (not invariant, by design)
         np.testing.assert_allclose(pa.thresholds, _apply(name, pb.thresholds) if name != "rank" else pa.thresholds)
         sa, sb = other["summary"], base["summary"]
@@ -298,20 +318,22 @@ def test_metrics_invariant_to_monotone_transforms(reliability, caplog):
 
     prop()
     names = sorted(TRANSFORMS)
-    reliability(observed=f"{len(seen)} random maps (4-40 px a side, ties, NaN areas) x random deposit sets "
-                         f"({min(s['n_dep'] for s in seen)}-{max(s['n_dep'] for s in seen)} deposit cells, deposits in "
-                         f"the map's CRS or lon/lat) under {', '.join(names)}: AUC, ROC, success-rate curve, P-A rates "
-                         "and intersection, buffered AUC and random-placement p-value unchanged",
-                kept="n/a (in memory)")
+    reliability(
+        observed=f"{len(seen)} random maps (4-40 px a side, ties, NaN areas) x random deposit sets "
+        f"({min(s['n_dep'] for s in seen)}-{max(s['n_dep'] for s in seen)} deposit cells, deposits in "
+        f"the map's CRS or lon/lat) under {', '.join(names)}: AUC, ROC, success-rate curve, P-A rates "
+        "and intersection, buffered AUC and random-placement p-value unchanged",
+        kept="n/a (in memory)",
+    )
 
 
 @pytest.mark.reliability("property", "AUC of the negated score is 1 - AUC (ties included)")
 def test_negated_score_gives_one_minus_auc(reliability, caplog):
     import logging
 
-    from pipeline import evaluate as ev
+    from pipeline.evaluation import evaluate as ev
 
-    caplog.set_level(logging.ERROR, logger="pipeline.evaluate")
+    caplog.set_level(logging.ERROR, logger="pipeline.evaluation.deposits")
     seen: list[float] = []
 
     @settings(max_examples=30, **SETTINGS)
@@ -330,29 +352,41 @@ def test_negated_score_gives_one_minus_auc(reliability, caplog):
         seen.append(auc)
 
     prop()
-    reliability(observed=f"{len(seen)} random maps with tied scores and random deposit sets: "
-                         "AUC(-s) = 1 - AUC(s) and success-rate area(-s) = 1 - area(s) within 1e-12",
-                kept="n/a (in memory)")
+    reliability(
+        observed=f"{len(seen)} random maps with tied scores and random deposit sets: "
+        "AUC(-s) = 1 - AUC(s) and success-rate area(-s) = 1 - area(s) within 1e-12",
+        kept="n/a (in memory)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # chunked scoring equals one-chunk scoring
 # ------------------------------------------------------------------------------------------------
 
-TINY = dict(window=8, patch=4, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1, stem_channels=4,
-            fusion_channels=8, mask_ratio=0.5)
+TINY = dict(
+    window=8,
+    patch=4,
+    dim=16,
+    depth=1,
+    heads=2,
+    decoder_dim=16,
+    decoder_depth=1,
+    stem_channels=4,
+    fusion_channels=8,
+    mask_ratio=0.5,
+)
 SCORE_SIZE = 40
 
 
 @pytest.fixture(scope="module")
 def scoring_store(tmp_path_factory):
     import torch
-
     from _cubes import BANDS, SOURCES, write_test_cube
-    from pipeline.checkpoint import save_checkpoint
+
     from pipeline.config import ModelConfig
-    from pipeline.cube import open_cube
+    from pipeline.data.cube import open_cube
     from pipeline.models import build_model, group_indices
+    from pipeline.models.checkpoint import save_checkpoint
 
     tmp = tmp_path_factory.mktemp("prop_score")
     cube_path = write_test_cube(tmp / "cube.zarr", size=SCORE_SIZE, chunk=SCORE_SIZE, seed=4)
@@ -360,8 +394,16 @@ def scoring_store(tmp_path_factory):
     groups = group_indices(SOURCES)
     torch.manual_seed(0)
     model = build_model(ModelConfig(**TINY), groups).eval()
-    ckpt = save_checkpoint(tmp / "model.pt", model, model_cfg=ModelConfig(**TINY), bands=BANDS, sources=SOURCES,
-                           center=cube["center"].values, scale=cube["scale"].values, groups=groups)
+    ckpt = save_checkpoint(
+        tmp / "model.pt",
+        model,
+        model_cfg=ModelConfig(**TINY),
+        bands=BANDS,
+        sources=SOURCES,
+        center=cube["center"].values,
+        scale=cube["scale"].values,
+        groups=groups,
+    )
     return cube_path, ckpt
 
 
@@ -378,14 +420,17 @@ def _partition(draw, n: int) -> tuple[int, ...]:
 @pytest.mark.reliability("property", "chunked scoring equals one-chunk scoring")
 def test_chunked_scoring_equals_one_chunk(scoring_store, reliability):
     from pipeline.config import ScoreConfig
-    from pipeline.cube import open_cube
-    from pipeline.score import score_cube
+    from pipeline.data.cube import open_cube
+    from pipeline.scoring.score import score_cube
 
     cube_path, ckpt = scoring_store
     cfg = ScoreConfig(stride=4, batch_size=64)
     whole = score_cube(open_cube(cube_path).chunk({"y": -1, "x": -1}), ckpt, cfg).compute(scheduler="sync")
     valid = whole["valid"].values.astype(bool)
-    assert np.isfinite(whole["prospectivity"].values[valid]).all() and np.isnan(whole["prospectivity"].values[~valid]).all()
+    assert (
+        np.isfinite(whole["prospectivity"].values[valid]).all()
+        and np.isnan(whole["prospectivity"].values[~valid]).all()
+    )
     seen: list[dict] = []
 
     @settings(max_examples=15, **SETTINGS, **NO_SHRINK)
@@ -410,27 +455,37 @@ def test_chunked_scoring_equals_one_chunk(scoring_store, reliability):
     prop()
     n_chunks = [len(s["cy"]) * len(s["cx"]) for s in seen]
     assert max(n_chunks) > 1
-    reliability(observed=f"{len(seen)} random chunkings (regular and irregular, {min(n_chunks)}-{max(n_chunks)} chunks, "
-                         "chunks from 1 px, batch sizes 7-512) of a 40x40 8-band cube, tiny untrained ViT with masked "
-                         "passes: prospectivity, anomalies and contributions within 1e-6 (relative above 1) of one chunk, "
-                         "NaN exactly where invalid",
-                kept="n/a (lazy scoring, nothing written)")
+    reliability(
+        observed=f"{len(seen)} random chunkings (regular and irregular, {min(n_chunks)}-{max(n_chunks)} chunks, "
+        "chunks from 1 px, batch sizes 7-512) of a 40x40 8-band cube, tiny untrained ViT with masked "
+        "passes: prospectivity, anomalies and contributions within 1e-6 (relative above 1) of one chunk, "
+        "NaN exactly where invalid",
+        kept="n/a (lazy scoring, nothing written)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # IDW reproduces the samples
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.reliability("property", "IDW reproduces sample values at sample locations")
 def test_idw_reproduces_samples(reliability):
-    from pipeline.ingest import idw_block
+    from pipeline.data.points import idw_block
 
     seen: list[int] = []
 
     @settings(max_examples=30, **SETTINGS)
-    @given(h=st.integers(2, 30), w=st.integers(2, 30), m=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
-           k=st.integers(1, 16), power=st.sampled_from([1.0, 2.0, 3.5]), use_radius=st.booleans(),
-           res=st.sampled_from([1.0, 30.0, 100.0, 0.001]))
+    @given(
+        h=st.integers(2, 30),
+        w=st.integers(2, 30),
+        m=st.integers(1, 3),
+        seed=st.integers(0, 2**31 - 1),
+        k=st.integers(1, 16),
+        power=st.sampled_from([1.0, 2.0, 3.5]),
+        use_radius=st.booleans(),
+        res=st.sampled_from([1.0, 30.0, 100.0, 0.001]),
+    )
     def prop(h, w, m, seed, k, power, use_radius, res):
         rng = np.random.default_rng(seed)
         xs = 500_000.0 + res * (np.arange(w) + 0.5)
@@ -455,25 +510,34 @@ def test_idw_reproduces_samples(reliability):
         seen.append(n)
 
     prop()
-    reliability(observed=f"{len(seen)} random sample sets ({min(seen)}-{max(seen)} samples, 1-3 columns with missing "
-                         "values, k 1-16, with and without a radius): every sample's pixel holds its value exactly; "
-                         "all pixels within the samples' range",
-                kept="n/a (in memory)")
+    reliability(
+        observed=f"{len(seen)} random sample sets ({min(seen)}-{max(seen)} samples, 1-3 columns with missing "
+        "values, k 1-16, with and without a radius): every sample's pixel holds its value exactly; "
+        "all pixels within the samples' range",
+        kept="n/a (in memory)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Zarr cube round trip
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.reliability("property", "cube Zarr round trip keeps values, mask, bands and CRS")
 def test_cube_zarr_round_trip(reliability):
-    from pipeline.cube import from_arrays, open_cube, write_cube
+    from pipeline.data.cube import from_arrays, open_cube, write_cube
 
     seen: list[tuple] = []
 
     @settings(max_examples=8, **SETTINGS)
-    @given(c=st.integers(1, 4), h=st.integers(1, 40), w=st.integers(2, 40), chunk=st.integers(1, 48),
-           crs=st.sampled_from(["EPSG:32646", "EPSG:4326", "EPSG:3857"]), seed=st.integers(0, 2**31 - 1))
+    @given(
+        c=st.integers(1, 4),
+        h=st.integers(1, 40),
+        w=st.integers(2, 40),
+        chunk=st.integers(1, 48),
+        crs=st.sampled_from(["EPSG:32646", "EPSG:4326", "EPSG:3857"]),
+        seed=st.integers(0, 2**31 - 1),
+    )
     def prop(c, h, w, chunk, crs, seed):
         rng = np.random.default_rng(seed)
         ev = (rng.standard_normal((c, h, w)) * rng.uniform(0.01, 1e4)).astype("float32")
@@ -503,6 +567,8 @@ def test_cube_zarr_round_trip(reliability):
         seen.append((c, h, w))
 
     prop()
-    reliability(observed=f"{len(seen)} random cubes (1-4 bands, up to 40x40, chunks 1-48 px, 3 CRSs, NaN holes): "
-                         "evidence bitwise identical, valid mask, bands, sources, x/y and CRS unchanged",
-                kept="only cube.zarr (no temporary store)")
+    reliability(
+        observed=f"{len(seen)} random cubes (1-4 bands, up to 40x40, chunks 1-48 px, 3 CRSs, NaN holes): "
+        "evidence bitwise identical, valid mask, bands, sources, x/y and CRS unchanged",
+        kept="only cube.zarr (no temporary store)",
+    )

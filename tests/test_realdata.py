@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data
 
 from pipeline.config import RunConfig
-from pipeline.cube import open_cube, write_cube
-from pipeline.ingest import build_cube
-
-from conftest import shared_data
+from pipeline.data.cube import open_cube, write_cube
+from pipeline.data.ingest import build_cube
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.realdata
@@ -70,7 +69,7 @@ def test_real_config_runs_end_to_end_at_reduced_size(name, tmp_path):
     """cube -> train -> score -> evaluate on each real dataset, with a small model and few steps."""
     import json
 
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     shared_data(name)
     cfg = RunConfig.from_yaml(CONFIGS / f"{name}.yaml").with_updates(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pipeline"
@@ -46,11 +46,42 @@ def _one_error_line(capsys) -> str:
 # ------------------------------------------------------------------------------------------------
 
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib", "jsonpickle"}
-UNSAFE_YAML = {"load", "load_all", "unsafe_load", "unsafe_load_all", "full_load", "full_load_all", "Loader",
-               "FullLoader", "UnsafeLoader", "CLoader", "CFullLoader", "CUnsafeLoader"}
-OS_EXEC = {"system", "popen", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-           "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
-           "posix_spawnp"}
+UNSAFE_YAML = {
+    "load",
+    "load_all",
+    "unsafe_load",
+    "unsafe_load_all",
+    "full_load",
+    "full_load_all",
+    "Loader",
+    "FullLoader",
+    "UnsafeLoader",
+    "CLoader",
+    "CFullLoader",
+    "CUnsafeLoader",
+}
+OS_EXEC = {
+    "system",
+    "popen",
+    "execl",
+    "execle",
+    "execlp",
+    "execlpe",
+    "execv",
+    "execve",
+    "execvp",
+    "execvpe",
+    "spawnl",
+    "spawnle",
+    "spawnlp",
+    "spawnlpe",
+    "spawnv",
+    "spawnve",
+    "spawnvp",
+    "spawnvpe",
+    "posix_spawn",
+    "posix_spawnp",
+}
 
 
 class _Scanner(ast.NodeVisitor):
@@ -98,15 +129,26 @@ class _Scanner(ast.NodeVisitor):
         name = self.dotted(node.func) or ""
         kw = {k.arg: k.value for k in node.keywords if k.arg}
         last = name.rsplit(".", 1)[-1]
-        if name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec", "builtins.compile",
-                    "pandas.eval"):
+        if name in (
+            "eval",
+            "exec",
+            "compile",
+            "__import__",
+            "builtins.eval",
+            "builtins.exec",
+            "builtins.compile",
+            "pandas.eval",
+        ):
             self._add(node, "eval/exec", name)
         if name in ("importlib.import_module", "importlib.__import__") and not (
-                node.args and isinstance(node.args[0], ast.Constant)):
+            node.args and isinstance(node.args[0], ast.Constant)
+        ):
             self._add(node, "dynamic import", name)
         if last == "read_pickle" or name in ("pandas.read_pickle", "numpy.lib.format.read_array"):
             self._add(node, "unpickle", name)
-        if "allow_pickle" in kw and not (isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False):
+        if "allow_pickle" in kw and not (
+            isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False
+        ):
             self._add(node, "unpickle", f"{name}(allow_pickle=...)")
         if name == "torch.load":
             wo = kw.get("weights_only")
@@ -135,10 +177,16 @@ def scan_package() -> dict[tuple[str, str, str], int]:
 
 # Findings that are legitimate, with the reason (file, rule, detail) -> why.
 ALLOWED = {
-    ("pipeline/errors.py", "dynamic import", "importlib.import_module"):
-        "require(module, purpose) imports an optional dependency; every caller passes a constant module name",
-    ("pipeline/compare.py", "dynamic import", "importlib.import_module"):
-        "_warm_imports: the module name comes from a fixed dict of library names (or 'numpy'), never from the user",
+    (
+        "pipeline/errors.py",
+        "dynamic import",
+        "importlib.import_module",
+    ): "require(module, purpose) imports an optional dependency; every caller passes a constant module name",
+    (
+        "pipeline/evaluation/compare.py",
+        "dynamic import",
+        "importlib.import_module",
+    ): "_warm_imports: the module name comes from a fixed dict of library names (or 'numpy'), never from the user",
 }
 
 
@@ -157,12 +205,24 @@ yaml.load(s, Loader=yaml.Loader); yaml.unsafe_load(s)
 torch.load(f); torch.load(f, weights_only=False)
 """
     rules = sorted({(r, d) for _, r, d in scan_source(bad)})
-    for want in [("unsafe import", "pickle"), ("eval/exec", "eval"), ("eval/exec", "exec"), ("eval/exec", "compile"),
-                 ("eval/exec", "__import__"), ("unpickle", "numpy.load(allow_pickle=...)"),
-                 ("unpickle", "pandas.read_pickle"), ("unpickle", "df.read_pickle"), ("shell", "subprocess.run(shell=...)"),
-                 ("shell", "os.system"), ("shell", "os.popen"), ("unsafe yaml", "yaml.load"), ("unsafe yaml", "yaml.Loader"),
-                 ("unsafe yaml", "yaml.unsafe_load"), ("unsafe yaml", "yaml.FullLoader"),
-                 ("torch.load", "torch.load without weights_only=True")]:
+    for want in [
+        ("unsafe import", "pickle"),
+        ("eval/exec", "eval"),
+        ("eval/exec", "exec"),
+        ("eval/exec", "compile"),
+        ("eval/exec", "__import__"),
+        ("unpickle", "numpy.load(allow_pickle=...)"),
+        ("unpickle", "pandas.read_pickle"),
+        ("unpickle", "df.read_pickle"),
+        ("shell", "subprocess.run(shell=...)"),
+        ("shell", "os.system"),
+        ("shell", "os.popen"),
+        ("unsafe yaml", "yaml.load"),
+        ("unsafe yaml", "yaml.Loader"),
+        ("unsafe yaml", "yaml.unsafe_load"),
+        ("unsafe yaml", "yaml.FullLoader"),
+        ("torch.load", "torch.load without weights_only=True"),
+    ]:
         assert want in rules, (want, rules)
     safe = """
 import re, torch, yaml, subprocess
@@ -179,17 +239,23 @@ def test_no_eval_exec_pickle_or_shell_in_package(reliability):
     found = scan_package()
     unexpected = {k: v for k, v in found.items() if k not in ALLOWED}
     stale = [k for k in ALLOWED if k not in found]
-    reliability(observed=f"AST scan of {len(PY_FILES)} modules: {len(found)} finding(s), all whitelisted with a reason "
-                         f"({'; '.join(f'{k[0]}: {k[2]}' for k in sorted(found))})" if not unexpected else
-                         f"unexpected: {sorted(unexpected)}",
-                kept="n/a (static)")
-    assert not unexpected, "\n".join(f"{f}:{line}: {rule}: {detail}" for (f, rule, detail), line in sorted(unexpected.items()))
+    reliability(
+        observed=f"AST scan of {len(PY_FILES)} modules: {len(found)} finding(s), all whitelisted with a reason "
+        f"({'; '.join(f'{k[0]}: {k[2]}' for k in sorted(found))})"
+        if not unexpected
+        else f"unexpected: {sorted(unexpected)}",
+        kept="n/a (static)",
+    )
+    assert not unexpected, "\n".join(
+        f"{f}:{line}: {rule}: {detail}" for (f, rule, detail), line in sorted(unexpected.items())
+    )
     assert not stale, f"whitelist entries no longer needed (remove them): {stale}"
 
 
 # ------------------------------------------------------------------------------------------------
 # checkpoints: torch.load(weights_only=True), a pickle that runs code is refused
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.reliability("security", "every torch.load in pipeline/ passes weights_only=True")
 def test_every_torch_load_is_weights_only(reliability):
@@ -204,8 +270,10 @@ def test_every_torch_load_is_weights_only(reliability):
         # `from torch import load` would hide a torch.load from the check above
         assert "torch.load" not in s.aliases.values(), f"{_rel(path)} imports torch.load under another name"
     bad = [(f, line) for (f, rule, _), line in scan_package().items() if rule == "torch.load"]
-    reliability(observed=f"{len(calls)} torch.load call(s) ({', '.join(calls)}): all with weights_only=True",
-                kept="n/a (static)")
+    reliability(
+        observed=f"{len(calls)} torch.load call(s) ({', '.join(calls)}): all with weights_only=True",
+        kept="n/a (static)",
+    )
     assert calls, "no torch.load found: the scan is looking in the wrong place"
     assert not bad, bad
 
@@ -223,16 +291,26 @@ class _Payload:
 def _tiny_checkpoint(path: Path, extra=None) -> Path:
     import torch
 
-    from pipeline.checkpoint import save_checkpoint
     from pipeline.config import ModelConfig
     from pipeline.models import build_model
+    from pipeline.models.checkpoint import save_checkpoint
 
-    cfg = ModelConfig(window=8, patch=4, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1, stem_channels=4,
-                      fusion_channels=8)
+    cfg = ModelConfig(
+        window=8, patch=4, dim=16, depth=1, heads=2, decoder_dim=16, decoder_depth=1, stem_channels=4, fusion_channels=8
+    )
     groups = {"a": [0, 1]}
     torch.manual_seed(0)
-    return save_checkpoint(path, build_model(cfg, groups), model_cfg=cfg, bands=["b0", "b1"], sources=["a", "a"],
-                           center=[0.0, 0.0], scale=[1.0, 1.0], groups=groups, extra=extra)
+    return save_checkpoint(
+        path,
+        build_model(cfg, groups),
+        model_cfg=cfg,
+        bands=["b0", "b1"],
+        sources=["a", "a"],
+        center=[0.0, 0.0],
+        scale=[1.0, 1.0],
+        groups=groups,
+        extra=extra,
+    )
 
 
 @pytest.mark.parametrize("where", ["whole file", "inside a real checkpoint"])
@@ -240,17 +318,22 @@ def _tiny_checkpoint(path: Path, extra=None) -> Path:
 def test_checkpoint_with_code_is_refused(tmp_path, where, reliability):
     import torch
 
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.errors import CheckpointError
-    from pipeline.score import load_model_cached
+    from pipeline.models.checkpoint import load_checkpoint
+    from pipeline.scoring.score import load_model_cached
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "model.pt"
     if where == "whole file":
         torch.save({"state_dict": _Payload(marker)}, evil)
     else:  # a real checkpoint, tampered: the payload hides in 'extra'
-        torch.save({**torch.load(_tiny_checkpoint(tmp_path / "ok.pt"), weights_only=True),
-                    "extra": {"note": _Payload(marker)}}, evil)
+        torch.save(
+            {
+                **torch.load(_tiny_checkpoint(tmp_path / "ok.pt"), weights_only=True),
+                "extra": {"note": _Payload(marker)},
+            },
+            evil,
+        )
     with pytest.raises(CheckpointError) as e1:
         load_checkpoint(evil)
     with pytest.raises(CheckpointError) as e2:  # the scoring path (per-worker cache) reads it the same way
@@ -272,15 +355,19 @@ def test_checkpoint_with_code_is_refused(tmp_path, where, reliability):
 # YAML: safe loaders only; Python tags are refused
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.reliability("security", "YAML is read with safe loaders only (static)")
 def test_yaml_safe_loaders_only(reliability):
     found = [(f, d, line) for (f, rule, d), line in scan_package().items() if rule == "unsafe yaml"]
     texts = {p: p.read_text() for p in PY_FILES}
     users = sorted(_rel(p) for p, t in texts.items() if re.search(r"\byaml\.(safe_load|safe_load_all)\(", t))
-    reliability(observed=f"no yaml.load/unsafe_load/full_load or Loader/FullLoader/UnsafeLoader in pipeline/; "
-                         f"YAML read with yaml.safe_load in {', '.join(users)}", kept="n/a (static)")
+    reliability(
+        observed=f"no yaml.load/unsafe_load/full_load or Loader/FullLoader/UnsafeLoader in pipeline/; "
+        f"YAML read with yaml.safe_load in {', '.join(users)}",
+        kept="n/a (static)",
+    )
     assert not found, found
-    assert "pipeline/config.py" in users and "pipeline/cluster.py" in users, users
+    assert "pipeline/config.py" in users and "pipeline/run/cluster.py" in users, users
 
 
 def _python_tag_yaml(marker: Path) -> str:
@@ -311,9 +398,9 @@ def test_run_config_with_python_tag_is_refused(mini_inputs, tmp_path, capsys, re
 
 @pytest.mark.reliability("security", "cluster profile with a !!python tag is refused")
 def test_cluster_profile_with_python_tag_is_refused(mini_inputs, tmp_path, capsys, reliability):
-    from pipeline.cluster import load_profile, resolve_profile
     from pipeline.config import ClusterConfig
     from pipeline.errors import ConfigError
+    from pipeline.run.cluster import load_profile, resolve_profile
 
     marker = tmp_path / "pwned"
     prof = tmp_path / "evil-profile.yaml"
@@ -334,8 +421,8 @@ def test_cluster_profile_with_python_tag_is_refused(mini_inputs, tmp_path, capsy
 
 @pytest.mark.reliability("security", "cluster profile with a !!python tag: the error names the fix")
 def test_cluster_profile_python_tag_error_names_the_fix(tmp_path, capsys, reliability):
-    from pipeline.cluster import load_profile
     from pipeline.errors import ConfigError
+    from pipeline.run.cluster import load_profile
 
     prof = tmp_path / "evil-profile.yaml"
     prof.write_text("kind: local\n" + _python_tag_yaml(tmp_path / "pwned").replace("name:", "memory_limit:"))
@@ -364,8 +451,9 @@ def test_query_payload_runs_in_plain_pandas(tmp_path):
     """Control for the cases below: these query strings run a shell command / write a file in pandas itself."""
     import pandas as pd
 
-    for i, payload in enumerate([_query_payload("Cr", tmp_path / "control-ran-0"),
-                                 f"Cr.to_csv('{tmp_path / 'control-ran-1'}') == 0"]):
+    for i, payload in enumerate(
+        [_query_payload("Cr", tmp_path / "control-ran-0"), f"Cr.to_csv('{tmp_path / 'control-ran-1'}') == 0"]
+    ):
         try:
             pd.DataFrame({"Cr": [1.0, 2.0]}).query(payload)
         except Exception:
@@ -388,15 +476,32 @@ def _cube_with_layer(mini_inputs, tmp_path, layer: dict, deposits: dict | None =
 def test_layer_query_cannot_run_code(mini_inputs, tmp_path, capsys, kind, reliability):
     marker = tmp_path / "pwned"
     if kind == "points CSV layer":
-        layer = {"name": "q", "path": "samples.csv", "source": "geochemistry", "kind": "points", "x": "X", "y": "Y",
-                 "crs": "EPSG:4326", "columns": ["Cr"], "query": _query_payload("Cr", marker)}
+        layer = {
+            "name": "q",
+            "path": "samples.csv",
+            "source": "geochemistry",
+            "kind": "points",
+            "x": "X",
+            "y": "Y",
+            "crs": "EPSG:4326",
+            "columns": ["Cr"],
+            "query": _query_payload("Cr", marker),
+        }
     else:
-        layer = {"name": "q", "path": "geology.gpkg", "layer": "lithology", "source": "geology", "kind": "indicator",
-                 "query": _query_payload("ROCKTYPE", marker)}
+        layer = {
+            "name": "q",
+            "path": "geology.gpkg",
+            "layer": "lithology",
+            "source": "geology",
+            "kind": "indicator",
+            "query": _query_payload("ROCKTYPE", marker),
+        }
     rc, out = _cube_with_layer(mini_inputs, tmp_path, layer)
     err = _one_error_line(capsys)
-    reliability(observed=f"{err} (marker file {'CREATED: the query ran a shell command' if marker.exists() else 'absent'})",
-                kept="no output folder" + ("; the marker file the query's shell command created" if marker.exists() else ""))
+    reliability(
+        observed=f"{err} (marker file {'CREATED: the query ran a shell command' if marker.exists() else 'absent'})",
+        kept="no output folder" + ("; the marker file the query's shell command created" if marker.exists() else ""),
+    )
     assert rc == 2 and "'q'" in err and "query" in err
     assert not marker.exists(), "the layer's query string ran a shell command"
     assert "a function call" in err and "Fix: only comparisons of columns with values" in err, err
@@ -409,12 +514,15 @@ def test_deposits_query_cannot_run_code(mini_inputs, tmp_path, capsys, reliabili
     from pydantic import ValidationError
 
     from pipeline.config import DepositsConfig
-    from pipeline.evaluate import DepositsError, load_deposits
+    from pipeline.evaluation.evaluate import DepositsError, load_deposits
 
     marker = tmp_path / "pwned"
     pd.DataFrame({"X": [500_100.0, 500_900.0], "Y": [3_999_500.0, 3_998_800.0], "type": ["a", "b"]}).to_csv(
-        tmp_path / "deposits.csv", index=False)
-    deposits = dict(path=str(tmp_path / "deposits.csv"), x="X", y="Y", crs="EPSG:32646", query=_query_payload("X", marker))
+        tmp_path / "deposits.csv", index=False
+    )
+    deposits = dict(
+        path=str(tmp_path / "deposits.csv"), x="X", y="Y", crs="EPSG:32646", query=_query_payload("X", marker)
+    )
     # the run config: refused when it is read, before any stage
     cfg = yaml.safe_load((mini_inputs / "run.yaml").read_text())
     (mini_inputs / "evil.yaml").write_text(yaml.safe_dump({**cfg, "deposits": deposits}))
@@ -431,9 +539,11 @@ def test_deposits_query_cannot_run_code(mini_inputs, tmp_path, capsys, reliabili
         load_deposits(DepositsConfig.model_construct(**{**deposits, "path": Path(deposits["path"]), "layer": None}))
     except DepositsError as exc:
         unchecked = str(exc)
-    reliability(observed=f"{err} (marker file {'CREATED' if marker.exists() else 'absent'}; load_deposits of an "
-                         f"unvalidated DepositsConfig: {unchecked.split('. Fix:')[0] or 'no error'})",
-                kept="no output folder" + ("; the marker file" if marker.exists() else ""))
+    reliability(
+        observed=f"{err} (marker file {'CREATED' if marker.exists() else 'absent'}; load_deposits of an "
+        f"unvalidated DepositsConfig: {unchecked.split('. Fix:')[0] or 'no error'})",
+        kept="no output folder" + ("; the marker file" if marker.exists() else ""),
+    )
     assert unchecked and "Fix:" in unchecked and "\n" not in unchecked, unchecked
     assert not marker.exists(), "the deposits query string ran a shell command"
 
@@ -442,9 +552,10 @@ def test_query_is_checked_again_where_it_is_used(mini_inputs, tmp_path):
     """Defence in depth: a layer config that skipped validation (model_copy(update=...), model_construct) is
     refused by the readers themselves (points CSV and vector), before pandas evaluates the query."""
     from pipeline.config import RunConfig
+    from pipeline.data.ingest import target_geobox
+    from pipeline.data.points import _read_point_arrays
+    from pipeline.data.vectors import read_vector
     from pipeline.errors import LayerError
-    from pipeline.grid import _read_vector, target_geobox
-    from pipeline.ingest import _read_point_arrays
 
     marker = tmp_path / "pwned"
     cfg = RunConfig.from_yaml(mini_inputs / "run.yaml")
@@ -453,7 +564,7 @@ def test_query_is_checked_again_where_it_is_used(mini_inputs, tmp_path):
     with pytest.raises(LayerError, match=r"layer 'ss': query .* uses a function call.*Fix: only comparisons"):
         _read_point_arrays(evil, cfg, target_geobox(cfg).crs)
     with pytest.raises(LayerError, match=r"layer 'lith': query .* uses a function call.*Fix: only comparisons"):
-        _read_vector(mini_inputs / "geology.gpkg", "lithology", "lith", None, _query_payload("ROCKTYPE", marker))
+        read_vector(mini_inputs / "geology.gpkg", "lithology", "lith", None, _query_payload("ROCKTYPE", marker))
     assert not marker.exists()
 
 
@@ -478,8 +589,15 @@ def test_safe_query_accepts_row_selections(query, rows):
 
     from pipeline.config import DepositsConfig, LayerConfig, safe_query
 
-    df = pd.DataFrame({"type": ["chromite", "nickel", "chromite"], "Cr": [1.0, 20.0, 30.0], "Ni": [1, 5, 5],
-                       "Au ppb": [0.5, 6.0, 9.0], "kind": ["a", "b", "c"]})
+    df = pd.DataFrame(
+        {
+            "type": ["chromite", "nickel", "chromite"],
+            "Cr": [1.0, 20.0, 30.0],
+            "Ni": [1, 5, 5],
+            "Au ppb": [0.5, 6.0, 9.0],
+            "kind": ["a", "b", "c"],
+        }
+    )
     assert safe_query(query) == query
     assert LayerConfig(name="l", path="f.gpkg", kind="indicator", query=query).query == query
     assert DepositsConfig(path="d.csv", query=query).query == query
@@ -496,7 +614,7 @@ def test_existing_queries_still_validate():
         for item in [*data.get("layers", []), data.get("deposits") or {}]:
             if item.get("query"):
                 found.append(safe_query(item["query"]))
-    synthetic = (PKG / "synthetic.py").read_text()
+    synthetic = (PKG / "data" / "synthetic.py").read_text()
     readme = (ROOT / "README.md").read_text()
     for text in (synthetic, readme):
         found += [safe_query(q) for q in re.findall(r"""["']?query["']?\s*:\s*"([^"]+)\"""", text)]
@@ -547,25 +665,43 @@ def test_safe_query_refuses_everything_else(query, what):
 
 
 def _refused_case(case: str, query: str, what: str):
-    return pytest.param(query, what, id=case, marks=pytest.mark.reliability("security", f"layer query with {case} is refused"))
+    return pytest.param(
+        query, what, id=case, marks=pytest.mark.reliability("security", f"layer query with {case} is refused")
+    )
 
 
-@pytest.mark.parametrize("query,what", [
-    _refused_case("attribute access", "Cr.size > 0", "attribute access ('.size')"),
-    _refused_case("a method call that writes a file", "Cr.to_csv('{marker}') == 0", "a function call ('Cr.to_csv(...)')"),
-    _refused_case("a function call", "abs(Cr) > 1", "a function call ('abs(...)')"),
-    _refused_case("indexing", "Cr[0] > 1", "indexing ('Cr[0]')"),
-    _refused_case("an @ local variable", "Cr > @limit", "a local variable reference ('@')"),
-    _refused_case("a dunder name", "__class__ == 1", "a name starting with '__' ('__class__'"),
-])
+@pytest.mark.parametrize(
+    "query,what",
+    [
+        _refused_case("attribute access", "Cr.size > 0", "attribute access ('.size')"),
+        _refused_case(
+            "a method call that writes a file", "Cr.to_csv('{marker}') == 0", "a function call ('Cr.to_csv(...)')"
+        ),
+        _refused_case("a function call", "abs(Cr) > 1", "a function call ('abs(...)')"),
+        _refused_case("indexing", "Cr[0] > 1", "indexing ('Cr[0]')"),
+        _refused_case("an @ local variable", "Cr > @limit", "a local variable reference ('@')"),
+        _refused_case("a dunder name", "__class__ == 1", "a name starting with '__' ('__class__'"),
+    ],
+)
 def test_refused_query_through_the_cli(mini_inputs, tmp_path, capsys, query, what, reliability):
     marker = tmp_path / "written-by-the-query.csv"
     query = query.format(marker=marker)
-    layer = {"name": "q", "path": "samples.csv", "source": "geochemistry", "kind": "points", "x": "X", "y": "Y",
-             "crs": "EPSG:4326", "columns": ["Cr"], "query": query}
+    layer = {
+        "name": "q",
+        "path": "samples.csv",
+        "source": "geochemistry",
+        "kind": "points",
+        "x": "X",
+        "y": "Y",
+        "crs": "EPSG:4326",
+        "columns": ["Cr"],
+        "query": query,
+    }
     rc, out = _cube_with_layer(mini_inputs, tmp_path, layer)
     err = _one_error_line(capsys)
-    reliability(observed=_stable(err), kept="no output folder" + ("; the file the query wrote" if marker.exists() else ""))
+    reliability(
+        observed=_stable(err), kept="no output folder" + ("; the file the query wrote" if marker.exists() else "")
+    )
     assert rc == 2 and "layers[5] (name: 'q').query" in err and what in err, err
     assert "Fix: only comparisons of columns with values, combined with and/or/not, are allowed" in err
     assert not out.exists() and not marker.exists()
@@ -575,9 +711,11 @@ def test_refused_query_through_the_cli(mini_inputs, tmp_path, capsys, query, wha
 # the local cluster mpm starts itself
 # ------------------------------------------------------------------------------------------------
 
-LOCAL_DASHBOARD_BUG = ("pipeline/cluster.py build_cluster (kind 'local') passes dashboard_address=':0', and an empty "
-                       "host binds the scheduler's dashboard on every interface (0.0.0.0, a random port) while the "
-                       "scheduler and workers listen on 127.0.0.1; fix: dashboard_address='127.0.0.1:0'")
+LOCAL_DASHBOARD_BUG = (
+    "pipeline/run/cluster.py build_cluster (kind 'local') passes dashboard_address=':0', and an empty "
+    "host binds the scheduler's dashboard on every interface (0.0.0.0, a random port) while the "
+    "scheduler and workers listen on 127.0.0.1; fix: dashboard_address='127.0.0.1:0'"
+)
 
 
 @pytest.mark.reliability("security", "local cluster listens on the loopback interface only")
@@ -585,8 +723,8 @@ def test_local_cluster_listens_on_loopback_only(reliability):
     import distributed
     import psutil
 
-    from pipeline.cluster import build_cluster
     from pipeline.config import ClusterConfig
+    from pipeline.run.cluster import build_cluster
 
     cluster = build_cluster(ClusterConfig(kind="local", n_workers=1, memory_limit="1GiB"))
     try:
@@ -599,16 +737,24 @@ def test_local_cluster_listens_on_loopback_only(reliability):
                 except psutil.Error:
                     continue
                 listening |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
-            ours = {int(a.rsplit(":", 1)[1]) for a in [cluster.scheduler_address, *(w.address for w in cluster.workers.values())]}
+            ours = {
+                int(a.rsplit(":", 1)[1])
+                for a in [cluster.scheduler_address, *(w.address for w in cluster.workers.values())]
+            }
             ours.add(int(cluster.dashboard_link.split(":")[2].split("/")[0]))
     finally:
         cluster.close()
     public = sorted((ip, port) for ip, port in listening if ip not in ("127.0.0.1", "::1"))
     dash = cluster.dashboard_link.split(":")[2].split("/")[0]
-    reliability(observed=("every socket of the scheduler, nanny, worker and dashboard on 127.0.0.1" if not public else
-                          f"{len(public)} of {len(listening)} listening sockets on all interfaces "
-                          f"({'the dashboard' if any(str(p) == dash for _, p in public) else 'not the dashboard'})"),
-                kept="n/a (cluster closed)")
+    reliability(
+        observed=(
+            "every socket of the scheduler, nanny, worker and dashboard on 127.0.0.1"
+            if not public
+            else f"{len(public)} of {len(listening)} listening sockets on all interfaces "
+            f"({'the dashboard' if any(str(p) == dash for _, p in public) else 'not the dashboard'})"
+        ),
+        kept="n/a (cluster closed)",
+    )
     assert ours <= {p for _, p in listening}, (ours, listening)
     assert not public, f"listening on every interface: {public}"
 
@@ -652,12 +798,15 @@ def test_no_public_scheduler_or_dashboard(reliability):
                     continue
                 # a Service (a k8s Service, a DaskCluster's scheduler.service, traefik's service in Helm values)
                 stype = node.get("type") if isinstance(node.get("type"), str) else None
-                if stype in PUBLIC | {"ClusterIP", "ExternalName"} and (where and where[-1] == "service" or doc.get("kind") == "Service"):
+                if stype in PUBLIC | {"ClusterIP", "ExternalName"} and (
+                    where and where[-1] == "service" or doc.get("kind") == "Service"
+                ):
                     services.append((f"{path.relative_to(DEPLOY)}:{'.'.join(where) or doc.get('kind')}", stype))
                     assert stype not in PUBLIC, (
                         f"{path.relative_to(DEPLOY)}: {'.'.join(where)} is a {stype} Service (ports {_ports(node)}): "
                         "the scheduler and dashboard have no authentication; keep ClusterIP and use port-forward or an "
-                        "authenticating proxy")
+                        "authenticating proxy"
+                    )
                 if "scheduler_service_type" in node:  # kubernetes profiles
                     assert node["scheduler_service_type"] == "ClusterIP", (path, node["scheduler_service_type"])
                 for key in ("hostNetwork", "hostPort"):
@@ -672,10 +821,14 @@ def test_no_public_scheduler_or_dashboard(reliability):
             published += [a.split("=", 1)[1] for a in args if a.startswith("--publish=")]
     for spec in published:
         parts = spec.split(":")
-        assert len(parts) == 3 and parts[0] in ("127.0.0.1", "localhost", "[::1]"), f"README publishes {spec} on all interfaces"
-    reliability(observed=f"{len(services)} Service(s) in deploy/ ({', '.join(f'{w} {t}' for w, t in services)}), none "
-                         f"LoadBalancer/NodePort, no hostNetwork/hostPort; README publishes only {', '.join(published)}",
-                kept="n/a (static)")
+        assert len(parts) == 3 and parts[0] in ("127.0.0.1", "localhost", "[::1]"), (
+            f"README publishes {spec} on all interfaces"
+        )
+    reliability(
+        observed=f"{len(services)} Service(s) in deploy/ ({', '.join(f'{w} {t}' for w, t in services)}), none "
+        f"LoadBalancer/NodePort, no hostNetwork/hostPort; README publishes only {', '.join(published)}",
+        kept="n/a (static)",
+    )
     assert len(services) >= 3
 
 
@@ -705,9 +858,11 @@ def test_gateway_auth_and_no_credentials_in_deploy(reliability):
     # the client side of the gateway: the profile authenticates too
     prof = yaml.safe_load((DEPLOY / "profiles" / "gateway-gpu.yaml").read_text())
     assert prof["gateway"].get("auth") in ("jupyterhub", "kerberos"), prof["gateway"].get("auth")
-    reliability(observed=f"gateway auth '{auth['type']}' (API token from a Secret), gateway profile auth "
-                         f"'{prof['gateway']['auth']}', no literal password/token/secret in {len(DEPLOY_YAMLS)} YAML files",
-                kept="n/a (static)")
+    reliability(
+        observed=f"gateway auth '{auth['type']}' (API token from a Secret), gateway profile auth "
+        f"'{prof['gateway']['auth']}', no literal password/token/secret in {len(DEPLOY_YAMLS)} YAML files",
+        kept="n/a (static)",
+    )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -761,12 +916,19 @@ def test_network_policy_guards_dask_pods(reliability):
                 for src in sources:
                     assert "ipBlock" not in src, f"{path.name}: ipBlock ingress {src}"
                     if "namespaceSelector" in src:
-                        assert src["namespaceSelector"].get("matchLabels"), f"{path.name}: all namespaces admitted: {src}"
+                        assert src["namespaceSelector"].get("matchLabels"), (
+                            f"{path.name}: all namespaces admitted: {src}"
+                        )
             match.append(path.name)
-        assert match, f"{file}: no NetworkPolicy in namespace {ns!r} restricts ingress to the scheduler and workers of {name!r}"
+        assert match, (
+            f"{file}: no NetworkPolicy in namespace {ns!r} restricts ingress to the scheduler and workers of {name!r}"
+        )
         covered.append(f"{name} ({ns})")
-    reliability(observed=f"DaskCluster/DaskJob {', '.join(covered)}: scheduler and worker pods only reachable from "
-                         "their namespace and the operator's (NetworkPolicy)", kept="n/a (static)")
+    reliability(
+        observed=f"DaskCluster/DaskJob {', '.join(covered)}: scheduler and worker pods only reachable from "
+        "their namespace and the operator's (NetworkPolicy)",
+        kept="n/a (static)",
+    )
 
 
 @pytest.mark.reliability("security", "TLS for raw clusters is documented and the documented config works")
@@ -780,8 +942,16 @@ def test_tls_documented_and_config_gives_encrypted_scheduler(tmp_path, reliabili
     m = re.search(r"^## Security.*?(?=^## |\Z)", readme, re.S | re.M)
     assert m, "deploy/README.md has no '## Security' section"
     section = m.group(0)
-    for needle in ("--tls-ca-file", "--tls-cert", "--tls-key", "require-encryption", "tls://", "deploy/dask/tls.yaml",
-                   "port-forward", "security: true"):
+    for needle in (
+        "--tls-ca-file",
+        "--tls-cert",
+        "--tls-key",
+        "require-encryption",
+        "tls://",
+        "deploy/dask/tls.yaml",
+        "port-forward",
+        "security: true",
+    ):
         assert needle in section, f"the Security section of deploy/README.md does not mention {needle!r}"
     # the dask config the README points at turns TLS on for every client, worker and scheduler that reads it
     tls_cfg = _flat(yaml.safe_load((DEPLOY / "dask" / "tls.yaml").read_text()))
@@ -797,16 +967,18 @@ def test_tls_documented_and_config_gives_encrypted_scheduler(tmp_path, reliabili
     paths["cert"].write_text(tmp.tls_scheduler_cert)
     paths["key"].write_text(tmp.tls_scheduler_key)
     text = (DEPLOY / "dask" / "tls.yaml").read_text()
-    for placeholder, p in (("/etc/dask/tls/ca.pem", paths["ca"]), ("/etc/dask/tls/mpm.pem", paths["cert"]),
-                           ("/etc/dask/tls/mpm.key", paths["key"])):
+    for placeholder, p in (
+        ("/etc/dask/tls/ca.pem", paths["ca"]),
+        ("/etc/dask/tls/mpm.pem", paths["cert"]),
+        ("/etc/dask/tls/mpm.key", paths["key"]),
+    ):
         assert placeholder in text, placeholder
         text = text.replace(placeholder, str(p))
     cfg = _flat(yaml.safe_load(text))
 
     async def check():
         with dask.config.set(cfg):
-            async with Scheduler(host="127.0.0.1", port=0, dashboard=False, security=Security(),
-                                 protocol="tls") as s:
+            async with Scheduler(host="127.0.0.1", port=0, dashboard=False, security=Security(), protocol="tls") as s:
                 assert s.address.startswith("tls://")
                 async with Client(s.address, asynchronous=True, security=Security()) as c:
                     ok = (await c.scheduler.identity())["address"] == s.address
@@ -821,8 +993,10 @@ def test_tls_documented_and_config_gives_encrypted_scheduler(tmp_path, reliabili
         return s.address, ok, refused
 
     address, ok, refused = asyncio.run(check())
-    reliability(observed=f"deploy/README.md ## Security documents --tls-* and require-encryption; with "
-                         f"deploy/dask/tls.yaml a scheduler listens on tls:// and a TLS client connects ({ok}); a "
-                         f"plain tcp:// client is refused ({refused})",
-                kept="n/a (certificates in a temporary folder)")
+    reliability(
+        observed=f"deploy/README.md ## Security documents --tls-* and require-encryption; with "
+        f"deploy/dask/tls.yaml a scheduler listens on tls:// and a TLS client connects ({ok}); a "
+        f"plain tcp:// client is refused ({refused})",
+        kept="n/a (certificates in a temporary folder)",
+    )
     assert ok is True and refused not in (None, False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .vit import (
+from pipeline.models.vit import (
     FusionViTAE,
     autocast_context,
     complementary_masks,

@@ -142,7 +142,9 @@ def sincos_pos_embed(dim: int, grid: int) -> Tensor:
     """Fixed 2-D sin-cos positional embedding, [grid*grid, dim] (MAE's recipe; any dim)."""
     d4 = -(-dim // 4)  # frequencies per (axis, sin/cos)
     omega = 1.0 / (10000 ** (torch.arange(d4, dtype=torch.float64) / d4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for pos in (ys.reshape(-1), xs.reshape(-1)):
         out = pos[:, None] * omega[None, :]
@@ -202,7 +204,7 @@ class FusionStem(nn.Module):
         self.group_names = list(groups)
         n_channels = sum(len(v) for v in groups.values())
         if fusion:
-            for i, (name, idx) in enumerate(groups.items()):
+            for i, idx in enumerate(groups.values()):
                 self.register_buffer(f"idx_{i}", torch.as_tensor(idx, dtype=torch.long), persistent=False)
             self.stems = nn.ModuleList(_stem(len(idx), stem_channels) for idx in groups.values())
             self.fuse = nn.Sequential(nn.Conv2d(stem_channels * len(groups), fusion_channels, 1), nn.GELU())

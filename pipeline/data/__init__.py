@@ -1,0 +1,1 @@
+"""Stage 1: inputs read onto one grid and written as a cube."""

@@ -1,0 +1,1 @@
+"""Stage 4: metrics against known deposits, comparison methods, targets and the report."""

@@ -1,0 +1,1 @@
+"""Stage 5: wiring: stages, clusters, the command line."""
