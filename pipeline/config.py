@@ -452,6 +452,27 @@ class EvaluateConfig(_Frozen):
     min_dist_km: float = Field(5.0, ge=0, description="Point protocol: negatives at least this far from deposits.")
     repeats: int = Field(20, ge=1)
     seed: int = 42
+    null: Literal["rigid", "uniform"] = Field(
+        "rigid",
+        description="Random-placement null: 'rigid' rotates and shifts the whole deposit set (keeps its "
+        "clustering); 'uniform' places deposits independently (anti-conservative).",
+    )
+    block: int | None = Field(
+        None, ge=1, description="Cells per side of the spatial bootstrap's blocks (None = the model window)."
+    )
+
+
+class TargetConfig(_Frozen):
+    """The commodity explored for: selects the pathfinder elements (knowledge, never deposit locations)."""
+
+    commodity: str = Field(..., min_length=1, description="Element symbol of the commodity, e.g. Au, Li, Cu, Cr, Ni.")
+    deposit_model: str | None = Field(
+        None, description="Deposit model of the pathfinder table, e.g. orogenic, porphyry, lct_pegmatite."
+    )
+    pathfinders: tuple[str, ...] | None = Field(
+        None, description="Pathfinder elements; None = the table's list for commodity and deposit_model."
+    )
+    lead: Literal["target", "generic"] = Field("target", description="Which map the report leads with.")
 
 
 class RunConfig(_Frozen):
@@ -464,6 +485,7 @@ class RunConfig(_Frozen):
     score: ScoreConfig = ScoreConfig()
     cluster: ClusterConfig = ClusterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    target: TargetConfig | None = None
     base_dir: Path = Field(Path("."), description="Folder relative paths resolve against (set by from_yaml).")
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
-from pipeline.config import EvaluateConfig, RunConfig
+from pipeline.config import EvaluateConfig, ModelConfig, RunConfig
 from pipeline.data.points import read_points
 from pipeline.evaluation.deposits import (
     DepositCells,
@@ -47,6 +47,7 @@ from pipeline.evaluation.deposits import (
     map_values,
     rows_cols,
 )
+from pipeline.evaluation.paired import rigid_placements
 from pipeline.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ __all__ = [
     "random_placement_test",
     "point_protocol_auc",
     "sample_map_at_points",
+    "default_buffer",
     "evaluate_map",
     "write_metrics",
     "evaluate_scores",
@@ -281,14 +283,19 @@ def prediction_area(score: xr.DataArray, deposits, n_thresholds: int = 1001) -> 
 # ------------------------------------------------------------------------------------------------
 
 
-def random_placement_test(score: xr.DataArray, deposits, n: int = 999, seed: int = 0) -> dict:
-    """Monte Carlo test: are deposit cells ranked higher than random cells of the valid area?
+def random_placement_test(score: xr.DataArray, deposits, n: int = 999, seed: int = 0, null: str = "rigid") -> dict:
+    """Monte Carlo test: are deposit cells ranked higher than random placements of the deposits?
 
     Statistic: mean percentile of the deposit cells' scores within the valid area (mid-rank for
-    ties, 0..1). Null: ``n`` placements of the same number of cells at random (without replacement)
-    in the valid area. Returns ``{"statistic", "null_mean", "null_std", "p_value"}`` with
+    ties, 0..1). Null ``"rigid"`` (default): ``n`` random rotations + shifts of the whole deposit set
+    inside the valid area (:func:`pipeline.evaluation.paired.rigid_placements`), which keep the
+    distances between deposits, hence their clustering; ``"uniform"``: the same number of cells drawn
+    independently (ignores clustering: anti-conservative, kept for comparison). Returns
+    ``{"statistic", "null_mean", "null_std", "p_value", "null", ...}`` with
     ``p = (1 + #{null >= observed}) / (n + 1)``.
     """
+    if null not in ("rigid", "uniform"):
+        raise EvaluationError(f"random placement: null={null!r} is unknown. Fix: use 'rigid' or 'uniform'")
     sp = _split(score, deposits)
     pos, allv = sp.pos, _sorted_valid(sp)
     total = allv.size
@@ -298,12 +305,27 @@ def random_placement_test(score: xr.DataArray, deposits, n: int = 999, seed: int
 
     observed = float(pct(pos).mean())
     rng = np.random.default_rng(seed)
-    k = pos.size
-    null = np.empty(n)
-    for i in range(n):
-        null[i] = pct(allv[rng.choice(total, size=k, replace=False)]).mean()
-    p = (1 + int((null >= observed - 1e-12).sum())) / (n + 1)
-    return {"statistic": observed, "null_mean": float(null.mean()), "null_std": float(null.std()), "p_value": p}
+    null_stats = np.empty(n)
+    extra: dict = {}
+    if null == "uniform":
+        for i in range(n):
+            null_stats[i] = pct(allv[rng.choice(total, size=pos.size, replace=False)]).mean()
+    else:
+        placements, extra = rigid_placements(score, sp.xy, n, seed=seed)
+        w = sp.values.shape[1]
+        for i, xy in enumerate(placements):
+            r, c = rows_cols(score, xy)
+            flat = np.unique(r[r >= 0] * w + c[r >= 0])
+            null_stats[i] = pct(sp.values.ravel()[flat]).mean()
+    p = (1 + int((null_stats >= observed - 1e-12).sum())) / (n + 1)
+    return {
+        "statistic": observed,
+        "null_mean": float(null_stats.mean()),
+        "null_std": float(null_stats.std()),
+        "p_value": p,
+        "null": null,
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,35 +420,59 @@ def sample_map_at_points(score_da: xr.DataArray, points_gdf) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate_map(score: xr.DataArray, deposits, cfg=None, *, n_permutations: int = 999) -> dict:
+def default_buffer(score: xr.DataArray, window: int | None = None) -> float:
+    """The buffered AUC's default buffer: ``window`` cells (the model window, default 32) of the larger
+    cell side, in CRS units. Negatives closer than that share a window with a deposit, so their scores
+    see the deposit's evidence: the buffered AUC asks whether the map tells deposits from far cells."""
+    if window is None:
+        window = int(ModelConfig.model_fields["window"].default)
+    rx, ry = score.rio.resolution(recalc=True)
+    return float(window * max(abs(rx), abs(ry)))
+
+
+def evaluate_map(
+    score: xr.DataArray, deposits, cfg=None, *, n_permutations: int = 999, window: int | None = None
+) -> dict:
     """Every raster metric of one score map, as a JSON-serialisable dict.
 
     ``cfg`` is a :class:`pipeline.config.EvaluateConfig` (None = defaults). With ``cfg.buffer`` None
-    the buffered AUC uses a buffer of one cell diagonal (negatives never touch a deposit's cell).
+    the buffered AUC uses :func:`default_buffer` (``window`` cells; halved, with a warning, while no
+    valid cell lies that far from every deposit). ``success_rate_area`` stays in the dict for old
+    readers but equals the AUC up to ties: it is no separate evidence (the report shows the curve only).
     """
     if cfg is None:
         cfg = EvaluateConfig()
     score = score.load() if hasattr(score.data, "dask") else score
     token = _SPLIT_CACHE.set({})
     try:
-        return _evaluate_map(score, deposits, cfg, n_permutations)
+        return _evaluate_map(score, deposits, cfg, n_permutations, window)
     finally:
         _SPLIT_CACHE.reset(token)
 
 
-def _evaluate_map(score, deposits, cfg, n_permutations) -> dict:
+def _evaluate_map(score, deposits, cfg, n_permutations, window) -> dict:
     split = _split(score, deposits)
     cells = split.cells
     if cfg.buffer is None:
+        buffer = default_buffer(score, window)
         rx, ry = score.rio.resolution(recalc=True)
-        buffer = float(math.hypot(rx, ry))
+        floor = float(math.hypot(rx, ry))
+        while True:
+            try:
+                b_mean, b_std = roc_auc_buffered(score, deposits, buffer, repeats=cfg.repeats, seed=cfg.seed)
+                break
+            except EvaluationError:
+                if buffer <= floor:
+                    raise
+                log.warning("buffered AUC: no valid cell lies %g from every deposit; halving the buffer", buffer)
+                buffer = max(floor, buffer / 2)
     else:
         buffer = float(cfg.buffer)
+        b_mean, b_std = roc_auc_buffered(score, deposits, buffer, repeats=cfg.repeats, seed=cfg.seed)
     auc = roc_auc_all(score, deposits)
-    b_mean, b_std = roc_auc_buffered(score, deposits, buffer, repeats=cfg.repeats, seed=cfg.seed)
     _, _, sr_area = success_rate_curve(score, deposits)
     pa = prediction_area(score, deposits)
-    rp = random_placement_test(score, deposits, n=n_permutations, seed=cfg.seed)
+    rp = random_placement_test(score, deposits, n=n_permutations, seed=cfg.seed, null=cfg.null)
     return {
         "auc": auc,
         "auc_buffered_mean": b_mean,
@@ -436,6 +482,7 @@ def _evaluate_map(score, deposits, cfg, n_permutations) -> dict:
         "pa_intersection": pa.intersection(),
         "normalised_density": pa.normalised_density,
         "p_value": rp["p_value"],
+        "null": rp["null"],
         "mean_deposit_percentile": rp["statistic"],
         "n_deposits": int(cells.n_deposits),
         "n_deposits_used": int(cells.n_deposits - cells.n_outside - cells.n_invalid),
@@ -531,6 +578,6 @@ def evaluate_scores(cfg: RunConfig, score) -> dict:
             "n_eligible_negatives": res["n_eligible"],
             "fallback": res["fallback"],
         }
-    metrics = evaluate_map(score, deposits, cfg.evaluate)
+    metrics = evaluate_map(score, deposits, cfg.evaluate, window=cfg.model.window)
     metrics["protocol"] = "raster"
     return metrics

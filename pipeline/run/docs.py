@@ -73,6 +73,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("score", C.ScoreConfig),
     ("cluster", C.ClusterConfig),
     ("evaluate", C.EvaluateConfig),
+    ("target", C.TargetConfig),
 )
 
 

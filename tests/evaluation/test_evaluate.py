@@ -208,7 +208,7 @@ def test_evaluate_map_and_write_metrics(tmp_path):
     da = _ranked()
     flat = np.array([499, 480, 470, 300, 12])
     pts = _points(da, flat // 25, flat % 25)
-    m = ev.evaluate_map(da, pts, EvaluateConfig(repeats=3), n_permutations=49)
+    m = ev.evaluate_map(da, pts, EvaluateConfig(repeats=3), n_permutations=49, window=4)
     for key in (
         "auc",
         "auc_buffered_mean",
@@ -222,7 +222,8 @@ def test_evaluate_map_and_write_metrics(tmp_path):
     ):
         assert key in m
     assert m["n_deposits"] == 5 and m["n_deposits_used"] == 5
-    assert m["buffer"] == pytest.approx(np.hypot(RES, RES))
+    assert m["buffer"] == pytest.approx(4 * RES)  # the window, not one cell diagonal
+    assert m["null"] == "rigid"
     out = ev.write_metrics({**m, "nan": float("nan"), "arr": np.arange(3)}, tmp_path / "sub" / "metrics.json")
     back = json.loads(out.read_text())
     assert back["auc"] == pytest.approx(m["auc"]) and back["nan"] is None and back["arr"] == [0, 1, 2]
@@ -322,7 +323,9 @@ def test_point_protocol_seeded_and_series_input():
     c = ev.point_protocol_auc(s, sxy, dxy, min_dist_km=2, seed=43, return_all=True)
     assert a == b
     assert a["aucs"] != c["aucs"]
-    assert 0.0 <= a["auc_mean"] <= 1.0 and a["auc_std"] > 0
+    assert a["auc_std"] > 0
+    # a random score: the mean over draws sits near 0.5 (8 positives + 8 negatives: std of one draw ~0.15)
+    assert abs(a["auc_mean"] - 0.5) < 0.15
 
 
 # -- real data: the gswa-soil1 task of OpenGADBench ------------------------------------------------
@@ -344,5 +347,7 @@ def test_point_protocol_on_gswa_soil1():
     au = samples["Au_ppm"].where(samples["Au_ppm"] != -9999, 0.0)
     res = ev.point_protocol_auc(au, sxy, dxy, return_all=True)
     assert len(sites) == 14 and res["fallback"] and res["n_eligible"] == len(samples)
-    assert 0.0 <= res["auc_mean"] <= 1.0 and len(res["aucs"]) == 20
+    assert len(res["aucs"]) == 20
+    # Au itself finds the gold sites: measured 0.717 (seeded); a random score gives 0.5 +- 0.11 per draw
+    assert res["auc_mean"] > 0.65
     assert ev.point_protocol_auc(au, sxy, dxy) == pytest.approx(res["auc_mean"])
