@@ -1,9 +1,10 @@
-"""The fast patch feed: training windows cut in memory from chunk-aligned regions (DESIGN.md section 4).
+"""The patch feed: chunk-aligned regions moved to the device once, training windows cut there (DESIGN.md s. 4).
 
-Never a Dask graph per patch. The cube is split into *regions* (a core of two chunks a side plus a halo of
-``window - stride`` pixels). xbatcher's ``BatchGenerator`` enumerates and cuts the regions lazily over the
-normalised cube (``input_dims`` = region size, ``input_overlap`` = halo); each region is computed once (one
-dask compute), held in memory, and windows are cut from it with numpy stride tricks.
+Never a Dask graph per patch, and never a host copy per window. The cube is split into *regions* (a core of
+two chunks a side plus a halo of ``window - stride`` pixels). xbatcher's ``BatchGenerator`` enumerates and
+cuts the regions lazily over the normalised cube (``input_dims`` = region size, ``input_overlap`` = halo);
+each region is computed once (one dask compute), moved to the feed's device once (with its ``valid`` mask),
+and windows are cut on the device by one ``index_select`` over a strided view of the region.
 
 Window grid: windows start at every multiple of ``stride`` along y and x, ``p + window <= size``. A region with
 core ``K`` (a multiple of ``stride``) starting at ``r`` holds exactly the windows starting in ``[r, r + K)``, so
@@ -12,28 +13,40 @@ those tail regions itself (plain ``isel``), so no window of the grid is lost.
 
 Order: a deterministic function of ``(seed, epoch, rank)``. Regions are dealt to ranks once (seeded shuffle,
 round robin): each DDP rank reads only its own shard straight from the store. Per epoch, a rank's regions are
-shuffled and grouped in pools of ``regions_per_pool``; the windows of a pool are shuffled together. Which
-windows exist (valid fraction >= ``min_valid_fraction``) is planned from the ``valid`` mask alone, so every
-rank knows every rank's window count and all ranks agree on ``steps_per_epoch`` without communication.
+shuffled and grouped in pools of ``regions_per_pool``; the windows of a pool are shuffled together, and within
+a batch grouped by region (one gather per region, written straight into the batch). Which windows exist
+(valid fraction >= ``min_valid_fraction`` of the cube's ``valid`` variable, as given) is planned from the mask
+alone, so every rank knows every rank's window count and all ranks agree on ``steps_per_epoch`` without
+communication.
+
+``random_offsets=True`` jitters each planned window by a seeded offset in ``[0, stride)`` per axis (a function
+of ``(seed, epoch, rank)``), clamped to stay inside its region (halo included); a jittered window that falls
+below the valid fraction keeps its grid position. The number of windows, and so ``steps_per_epoch``, does not
+change.
+
+Overlap: a prefetch thread reads the next regions (up to ``prefetch_regions`` ahead, default one pool) while
+the current ones are cut. On CUDA the region goes through pinned host memory and is copied on a side stream;
+the consumer's stream waits on the copy's event. On the CPU the same code runs, with the "copy" a no-op view.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
-from numpy.lib.stride_tricks import sliding_window_view
 
 from pipeline.data.cube import normalised, open_cube
 from pipeline.errors import ConfigError, CubeError
 
-__all__ = ["Region", "WindowFeed", "WindowDataset", "make_loader", "window_starts", "region_layout"]
+__all__ = ["Region", "WindowFeed", "cut_windows", "window_starts", "region_layout"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,11 @@ def _integral(valid: np.ndarray) -> np.ndarray:
     return s
 
 
+def _window_counts(integ: np.ndarray, gy: np.ndarray, gx: np.ndarray, win: int) -> np.ndarray:
+    """Valid pixels in the windows starting at (gy, gx), from an integral image."""
+    return integ[gy + win, gx + win] - integ[gy, gx + win] - integ[gy + win, gx] + integ[gy, gx]
+
+
 def _chunk_size(evidence: xr.DataArray) -> int:
     """The cube's chunk side (dask chunks, else the store's chunks, else 512)."""
     if evidence.chunks is not None:
@@ -94,21 +112,75 @@ def _chunk_size(evidence: xr.DataArray) -> int:
     return 512
 
 
+def cut_windows(
+    region: torch.Tensor, starts: torch.Tensor, window: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Windows of ``region`` [..., ny, nx] at flat starts ``row * nx + col`` [n]: [n, ..., w, w], one gather.
+
+    The region is viewed (no copy) as one window per pixel, ``[P, ..., w, w]`` with ``P`` the flat start, and
+    ``index_select`` copies the chosen ones, a row of ``w`` contiguous values at a time; the caller keeps
+    every start inside the region.
+    """
+    lead = region.shape[:-2]
+    ny, nx = region.shape[-2:]
+    region = region.contiguous()
+    n_starts = (ny - window) * nx + (nx - window) + 1
+    lead_strides = tuple(region.stride()[: len(lead)])
+    view = region.as_strided((n_starts, *lead, window, window), (1, *lead_strides, nx, 1))
+    return torch.index_select(view, 0, starts, out=out) if out is not None else torch.index_select(view, 0, starts)
+
+
+class _Prefetch:
+    """Loads regions on one background thread, in the order given, at most ``ahead`` beyond the last asked."""
+
+    def __init__(self, load, order: list[int], ahead: int):
+        self._load, self._order, self._ahead = load, order, max(1, ahead)
+        self._pos = {rid: i for i, rid in enumerate(order)}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpm-feed")
+        self._futures: dict[int, Future] = {}
+        self._submitted = 0
+
+    def get(self, rid: int):
+        upto = min(len(self._order), self._pos[rid] + 1 + self._ahead)
+        while self._submitted < upto:
+            nxt = self._order[self._submitted]
+            self._futures[nxt] = self._pool.submit(self._load, nxt)
+            self._submitted += 1
+        return self._futures[rid].result()
+
+    def release(self, rid: int) -> None:
+        self._futures.pop(rid, None)
+
+    def close(self) -> None:
+        for f in self._futures.values():
+            f.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class WindowFeed:
-    """Batches of training windows for one rank: iterate ``(x [B, C, w, w] float32, valid [B, w, w] bool)``.
+    """Batches of training windows for one rank: iterate ``(x [B, C, w, w] float32, valid [B, w, w] bool)``,
+    torch tensors on ``device``.
 
     Args:
-        cube: a cube Dataset (see :mod:`pipeline.data.cube`) or its path.
+        cube: a cube Dataset (see :mod:`pipeline.data.cube`) or its path. Its ``valid`` variable is used as
+            given (e.g. with held-out blocks removed).
         window, stride: window side and stride of the window grid (stride default: window // 2).
         batch_size: windows per batch *for this rank* (the trainer passes global batch / world size).
         min_valid_fraction: windows with a smaller fraction of valid pixels are skipped.
         seed, rank, world_size: the deterministic order and this rank's shard of regions.
+        random_offsets: jitter each epoch's windows by a seeded offset in [0, stride) (module doc).
+        device: where regions live and windows are cut (the training device).
         region_size: region core in pixels (default: two of the cube's chunks), shrunk when there are fewer
             regions than ranks.
         regions_per_pool: how many regions' windows are shuffled together.
-        cache_bytes: regions kept in memory across epochs up to this size (at least two pools' worth).
+        prefetch_regions: regions read ahead by the prefetch thread (default: one pool).
+        cache_bytes: regions kept on the device across epochs up to this size (at least two pools' worth).
         scheduler: dask scheduler of the per-region compute ("threads": never the distributed client, so a
             training task on a Dask worker cannot deadlock on its own cluster).
+
+    Counters: ``reads`` (region computes), ``h2d_bytes`` (bytes handed host to device: region evidence and
+    mask), ``windows_served``.
     """
 
     def __init__(
@@ -122,8 +194,11 @@ class WindowFeed:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        random_offsets: bool = False,
+        device: str | torch.device = "cpu",
         region_size: int | None = None,
         regions_per_pool: int = 4,
+        prefetch_regions: int | None = None,
         cache_bytes: int = 1 << 30,
         scheduler: str = "threads",
     ):
@@ -137,11 +212,17 @@ class WindowFeed:
         self.batch_size = int(batch_size)
         self.min_valid_fraction = float(min_valid_fraction)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.random_offsets = bool(random_offsets)
+        self.device = torch.device(device)
         self.regions_per_pool = max(1, int(regions_per_pool))
+        self.prefetch_regions = int(prefetch_regions or self.regions_per_pool)
         self.scheduler = scheduler
         self.bands = [str(b) for b in ds["band"].values.tolist()]
         self.n_channels = len(self.bands)
         self.reads = 0  # region computes so far (each region is computed once while cached)
+        self.h2d_bytes = 0
+        self.windows_served = 0
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         # Coordinates dropped (integer pixel indices instead): xbatcher slices faster, and region starts are
         # readable back from each region to check that the plan matches xbatcher's enumeration.
@@ -157,12 +238,13 @@ class WindowFeed:
         chunk = region_size or 2 * _chunk_size(ds["evidence"])
 
         integ = _integral(self._valid)
-        need = int(np.ceil(self.min_valid_fraction * self.window**2 - 1e-9))
+        self._need = max(1, int(np.ceil(self.min_valid_fraction * self.window**2 - 1e-9)))
         while True:
-            self._plan(h, w, int(chunk), integ, need)
+            self._plan(h, w, int(chunk), integ)
             if len(self.all_regions) >= self.world_size or chunk <= self.stride:
                 break
             chunk = max(self.stride, chunk // 2)
+        del integ
         counts = np.array([len(r.windows) for r in self.all_regions])
         # Deal regions to ranks once per seed (round robin over a seeded shuffle).
         order = np.random.default_rng([self.seed, 7919]).permutation(len(self.all_regions))
@@ -178,13 +260,15 @@ class WindowFeed:
                 f"{self.batch_size} per rank. Fix: lower train.batch_size, train.train_stride or "
                 "train.min_valid_fraction, or use fewer ddp_workers"
             )
-        region_bytes = 4 * self.n_channels * self.region_shape[0] * self.region_shape[1]
+        self.window_bytes = 4 * self.n_channels * self.window**2
+        region_bytes = (4 * self.n_channels + 1) * self.region_shape[0] * self.region_shape[1]
         self._cache_bytes = max(int(cache_bytes), 2 * self.regions_per_pool * region_bytes)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0
+        self._lock = threading.Lock()
 
     # -- planning ---------------------------------------------------------------------------------
-    def _plan(self, h: int, w: int, chunk: int, integ: np.ndarray, need: int) -> None:
+    def _plan(self, h: int, w: int, chunk: int, integ: np.ndarray) -> None:
         ry, ky, segs_y = region_layout(h, chunk, self.window, self.stride)
         rx, kx, segs_x = region_layout(w, chunk, self.window, self.stride)
         self.region_shape = (ry, rx)
@@ -203,9 +287,7 @@ class WindowFeed:
             sx = sx[sx < (kx if nx == rx else nx)]
             gy, gx = np.meshgrid(sy + y0, sx + x0, indexing="ij")
             gy, gx = gy.ravel(), gx.ravel()
-            win = self.window
-            count = integ[gy + win, gx + win] - integ[gy, gx + win] - integ[gy + win, gx] + integ[gy, gx]
-            keep = count >= max(need, 1)
+            keep = _window_counts(integ, gy, gx, self.window) >= self._need
             local = np.stack([gy[keep] - y0, gx[keep] - x0], axis=1).astype(np.int32)
             if len(local):
                 regions.append(Region(index, y0, x0, ny, nx, local))
@@ -226,13 +308,50 @@ class WindowFeed:
             )
         return self._gen
 
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's windows for ``epoch``, in order: (region ids [M], region-local starts [M, 2] int64).
+
+        Within each batch the windows are grouped by region (stable), so that a batch is cut with one gather
+        per region.
+        """
+        rng = np.random.default_rng([self.seed, int(epoch), self.rank])
+        order = self.regions[rng.permutation(len(self.regions))]
+        regs, wins = [], []
+        for p in range(0, len(order), self.regions_per_pool):
+            pool = order[p : p + self.regions_per_pool]
+            r = np.concatenate([np.full(len(self.all_regions[i].windows), i) for i in pool])
+            k = np.concatenate([np.arange(len(self.all_regions[i].windows)) for i in pool])
+            perm = rng.permutation(len(r))
+            regs.append(r[perm])
+            wins.append(k[perm])
+        regs, wins = np.concatenate(regs), np.concatenate(wins)
+        b = self.batch_size
+        for i in range(0, len(regs) - len(regs) % b, b):
+            grouped = np.argsort(regs[i : i + b], kind="stable")
+            regs[i : i + b], wins[i : i + b] = regs[i : i + b][grouped], wins[i : i + b][grouped]
+        starts = np.empty((len(regs), 2), dtype=np.int64)
+        for rid in np.unique(regs):
+            sel = np.flatnonzero(regs == rid)
+            starts[sel] = self.all_regions[rid].windows[wins[sel]]
+        if self.random_offsets:
+            self._jitter(regs, starts, np.random.default_rng([self.seed, int(epoch), self.rank, 31337]))
+        return regs, starts
+
+    def _jitter(self, regs: np.ndarray, starts: np.ndarray, rng: np.random.Generator) -> None:
+        """Move each start by an offset in [0, stride) per axis, inside its region, where it stays valid."""
+        offsets = rng.integers(0, self.stride, size=starts.shape)
+        w = self.window
+        for rid in np.unique(regs):
+            sel = np.flatnonzero(regs == rid)
+            reg = self.all_regions[rid]
+            cand = np.minimum(starts[sel] + offsets[sel], [reg.ny - w, reg.nx - w])
+            integ = _integral(self._valid[reg.y0 : reg.y0 + reg.ny, reg.x0 : reg.x0 + reg.nx])
+            ok = _window_counts(integ, cand[:, 0], cand[:, 1], w) >= self._need
+            starts[sel[ok]] = cand[ok]
+
     # -- reading ----------------------------------------------------------------------------------
-    def _region(self, rid: int) -> np.ndarray:
-        """[C, ny, nx] float32 of region ``rid`` (one dask compute on a cache miss)."""
-        arr = self._cache.get(rid)
-        if arr is not None:
-            self._cache.move_to_end(rid)
-            return arr
+    def _read_host(self, rid: int) -> np.ndarray:
+        """[C, ny, nx] float32 of region ``rid`` on the host (one dask compute)."""
         reg = self.all_regions[rid]
         if reg.index >= 0:
             lazy = self.generator[reg.index]
@@ -245,43 +364,52 @@ class WindowFeed:
         data = lazy.data
         if hasattr(data, "compute"):  # dask-backed: the region's single compute
             data = data.compute(scheduler=self.scheduler)
-        arr = np.ascontiguousarray(data, dtype=np.float32)
-        self.reads += 1
-        self._cache[rid] = arr
-        self._cached_bytes += arr.nbytes
-        while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
-        return arr
+        return np.asarray(data, dtype=np.float32)
 
-    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's window order for ``epoch``: (region ids [M], window numbers within the region [M])."""
-        rng = np.random.default_rng([self.seed, int(epoch), self.rank])
-        order = self.regions[rng.permutation(len(self.regions))]
-        regs, wins = [], []
-        for p in range(0, len(order), self.regions_per_pool):
-            pool = order[p : p + self.regions_per_pool]
-            r = np.concatenate([np.full(len(self.all_regions[i].windows), i) for i in pool])
-            k = np.concatenate([np.arange(len(self.all_regions[i].windows)) for i in pool])
-            perm = rng.permutation(len(r))
-            regs.append(r[perm])
-            wins.append(k[perm])
-        return np.concatenate(regs), np.concatenate(wins)
+    def _load(self, rid: int):
+        """(evidence [C, ny, nx], valid [ny, nx], copy event or None) of region ``rid`` on the device."""
+        with self._lock:
+            hit = self._cache.get(rid)
+            if hit is not None:
+                self._cache.move_to_end(rid)
+                return (*hit, None)
+        reg = self.all_regions[rid]
+        host = self._read_host(rid)
+        vhost = self._valid[reg.y0 : reg.y0 + reg.ny, reg.x0 : reg.x0 + reg.nx]
+        event = None
+        if self._stream is not None:
+            # pinned staging (the caching host allocator reuses it once the copy is done), then an async copy
+            # on the side stream; the consumer's stream waits on ``event``
+            pinned = torch.empty(host.shape, dtype=torch.float32, pin_memory=True)
+            np.copyto(pinned.numpy(), host)
+            vpinned = torch.empty(vhost.shape, dtype=torch.bool, pin_memory=True)
+            np.copyto(vpinned.numpy(), vhost)
+            with torch.cuda.stream(self._stream):
+                x = pinned.to(self.device, non_blocking=True)
+                v = vpinned.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+            v = torch.from_numpy(np.ascontiguousarray(vhost)).to(self.device)
+        nbytes = x.nbytes + v.nbytes
+        with self._lock:
+            self.reads += 1
+            self.h2d_bytes += nbytes
+            self._cache[rid] = (x, v)
+            self._cached_bytes += nbytes
+            while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
+                _, (ox, ov) = self._cache.popitem(last=False)
+                self._cached_bytes -= ox.nbytes + ov.nbytes
+        return x, v, event
 
-    def cut(self, regs: np.ndarray, wins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cut windows in memory: ([B, C, w, w] float32, [B, w, w] bool), in the order given."""
-        w = self.window
-        x = np.empty((len(regs), self.n_channels, w, w), dtype=np.float32)
-        v = np.empty((len(regs), w, w), dtype=bool)
-        for rid in dict.fromkeys(regs.tolist()):  # first-appearance order
-            sel = np.flatnonzero(regs == rid)
-            reg = self.all_regions[rid]
-            arr = self._region(rid)
-            off = reg.windows[wins[sel]]
-            views = sliding_window_view(arr, (w, w), axis=(1, 2))  # [C, ny-w+1, nx-w+1, w, w], no copy
-            x[sel] = np.moveaxis(views[:, off[:, 0], off[:, 1]], 0, 1)
-            vreg = self._valid[reg.y0 : reg.y0 + reg.ny, reg.x0 : reg.x0 + reg.nx]
-            v[sel] = sliding_window_view(vreg, (w, w))[off[:, 0], off[:, 1]]
+    def _ready(self, loaded):
+        x, v, event = loaded
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            x.record_stream(stream)
+            v.record_stream(stream)
         return x, v
 
     def batches(
@@ -289,54 +417,33 @@ class WindowFeed:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start .. stop-1`` of ``epoch`` (stop default: steps_per_epoch). Resuming = a later start."""
         stop = self.steps_per_epoch if stop is None else min(stop, self.steps_per_epoch)
-        regs, wins = self.epoch_plan(epoch)
-        b = self.batch_size
-        for i in range(start, stop):
-            x, v = self.cut(regs[i * b : (i + 1) * b], wins[i * b : (i + 1) * b])
-            yield torch.from_numpy(x), torch.from_numpy(v)
+        regs, starts = self.epoch_plan(epoch)
+        b, w = self.batch_size, self.window
+        span = regs[start * b : stop * b]
+        order = list(dict.fromkeys(span.tolist()))
+        last_use = {int(r): i // b for i, r in enumerate(span.tolist())}
+        prefetch = _Prefetch(self._load, order, self.prefetch_regions)
+        try:
+            for i in range(start, stop):
+                r, s = regs[i * b : (i + 1) * b], starts[i * b : (i + 1) * b]
+                x = torch.empty((b, self.n_channels, w, w), dtype=torch.float32, device=self.device)
+                v = torch.empty((b, w, w), dtype=torch.bool, device=self.device)
+                bounds = np.flatnonzero(np.diff(r)) + 1
+                for a, e in zip([0, *bounds.tolist()], [*bounds.tolist(), len(r)]):
+                    rid = int(r[a])
+                    rx, rv = self._ready(prefetch.get(rid))
+                    flat = torch.from_numpy(s[a:e, 0] * rx.shape[-1] + s[a:e, 1]).to(self.device, non_blocking=True)
+                    cut_windows(rx, flat, w, out=x[a:e])
+                    cut_windows(rv, flat, w, out=v[a:e])
+                    if last_use[rid] == i - start:
+                        prefetch.release(rid)
+                self.windows_served += b
+                yield x, v
+        finally:
+            prefetch.close()
 
     def __iter__(self):
         return self.batches(0)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
-
-
-class WindowDataset(torch.utils.data.IterableDataset):
-    """A torch IterableDataset of whole batches from a :class:`WindowFeed` (use ``batch_size=None``).
-
-    With DataLoader workers, worker ``i`` of ``k`` yields batches ``i, i+k, ...``; the loader's order of
-    delivery is then the same as without workers. Each worker holds its own copy of the feed (and cache).
-    """
-
-    def __init__(self, feed: WindowFeed, epoch: int = 0, start: int = 0):
-        super().__init__()
-        self.feed, self.epoch, self.start = feed, epoch, start
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            yield from self.feed.batches(self.epoch, self.start)
-            return
-        regs, wins = self.feed.epoch_plan(self.epoch)
-        b = self.feed.batch_size
-        for i in range(self.start + info.id, self.feed.steps_per_epoch, info.num_workers):
-            x, v = self.feed.cut(regs[i * b : (i + 1) * b], wins[i * b : (i + 1) * b])
-            yield torch.from_numpy(x), torch.from_numpy(v)
-
-    def __len__(self) -> int:
-        return self.feed.steps_per_epoch - self.start
-
-
-def make_loader(
-    feed: WindowFeed, epoch: int = 0, *, start: int = 0, num_workers: int = 0, pin_memory: bool = False
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over whole batches of ``feed`` (workers inside a Dask worker need
-    ``distributed.worker.daemon: false``)."""
-    return torch.utils.data.DataLoader(
-        WindowDataset(feed, epoch, start),
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )

@@ -35,6 +35,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.io import atomic_write_json, clear_stale
 from pipeline.models import autocast_context, build_model, group_indices, masked_mse, random_token_mask
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.models.device import worker_device
 from pipeline.models.patches import WindowFeed
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,8 @@ Launcher = Callable[..., list]
 
 
 def resolve_device(name: str = "auto", rank: int = 0) -> torch.device:
-    """'auto' -> CUDA when available, else CPU. With several visible GPUs, rank r uses GPU r mod count."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device. Fix: set train.device: auto or cpu")
-    return torch.device("cuda", rank % torch.cuda.device_count())
+    """The training device of this process: its own GPU on a GPU worker (rules: :mod:`pipeline.models.device`)."""
+    return worker_device(name, rank)
 
 
 def lr_at(step: int, total: int, base_lr: float) -> float:

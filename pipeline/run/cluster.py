@@ -1,8 +1,10 @@
-"""The only module that imports ``distributed``: clusters from config, and training on Dask workers.
+"""Clusters from config, and training on Dask workers (with :mod:`pipeline.run.workers`, the only modules that
+import ``distributed``).
 
 Clusters (``cluster.kind``; optional packages are imported only when their kind is used):
 
-- ``local``: a LocalCluster of worker processes on this machine;
+- ``local``: a LocalCluster of worker processes on this machine; with ``gpus_per_worker``, dask-cuda's
+  LocalCUDACluster, one worker per GPU (it fails in one line when torch has no CUDA build);
 - ``address``: an existing scheduler (``tcp://host:8786``), e.g. one a DaskJob or ``dask scheduler`` started;
 - ``jobqueue``: dask-jobqueue SLURM/PBS jobs, one worker process per job (per GPU);
 - ``gateway``: a Dask Gateway (Pangeo JupyterHub), authenticated;
@@ -11,11 +13,13 @@ Clusters (``cluster.kind``; optional packages are imported only when their kind 
 
 A cluster profile (``deploy/profiles/*.yaml``) is a ``cluster`` section in its own file: ``mpm run --cluster
 PROFILE`` or ``cluster: {profile: PATH}`` (keys given in the run config then override the profile's).
-GPU workers are laid out one worker process per GPU, ``--nthreads 1``, resources ``GPU=1``.
+GPU workers are laid out one worker process per GPU, ``--nthreads 1``, resources ``GPU=1``; each worker's tasks
+use that worker's own GPU (:mod:`pipeline.models.device`, :mod:`pipeline.run.workers`).
 
 Training runs as tasks pinned to workers (``workers=[addr]``, no stealing): one task for a single rank, or
 ``train.ddp_workers`` tasks that form a torch process group. Rank 0's worker picks a free TCP port; every rank
-connects to ``tcp://<rank-0 host>:<port>`` (gloo on CPU, NCCL on GPU). Each rank reads its own shard of regions
+connects to ``tcp://<rank-0 host>:<port>`` (gloo on CPU, NCCL on GPU; timeout: dask config ``mpm.ddp-timeout``).
+Each rank's torch threads come from its own worker's CPU affinity. Each rank reads its own shard of regions
 straight from the cube store; checkpoints are written by rank 0 into ``out`` (a shared filesystem across
 nodes). Progress events travel back through the scheduler's event log (``Worker.log_event`` ->
 ``Client.subscribe_topic``) and reach the caller's ``progress`` callback on the client side.
@@ -38,7 +42,16 @@ from pydantic import ValidationError
 
 from pipeline.config import ClusterConfig, RunConfig, yaml_error
 from pipeline.errors import ConfigError, MPMError, require
-from pipeline.models.train import resolve_device, run_training
+from pipeline.models.device import worker_device
+from pipeline.models.train import run_training
+from pipeline.run.workers import (
+    WorkerGpus,
+    cpu_affinity,
+    ddp_timeout,
+    init_rank_group,
+    local_cuda_cluster,
+    rank_threads,
+)
 
 __all__ = [
     "ClusterError",
@@ -236,17 +249,8 @@ def jobqueue_job_script(cfg: ClusterConfig, scheduler: str = "tcp://SCHEDULER:87
 def _k8s_quantity(mem: str) -> str:
     """Dask memory ('60GiB', '4GB') as a Kubernetes quantity ('60Gi', '4G')."""
     m = mem.strip().replace(" ", "")
-    for dask_unit, k8s_unit in (
-        ("KiB", "Ki"),
-        ("MiB", "Mi"),
-        ("GiB", "Gi"),
-        ("TiB", "Ti"),
-        ("kB", "k"),
-        ("KB", "k"),
-        ("MB", "M"),
-        ("GB", "G"),
-        ("TB", "T"),
-    ):
+    units = {"KiB": "Ki", "MiB": "Mi", "GiB": "Gi", "TiB": "Ti", "kB": "k", "KB": "k", "MB": "M", "GB": "G", "TB": "T"}
+    for dask_unit, k8s_unit in units.items():
         if m.endswith(dask_unit):
             return m[: -len(dask_unit)] + k8s_unit
     return m
@@ -317,13 +321,13 @@ def build_cluster(cfg: ClusterConfig):
     if cfg.kind in ("none", "address"):
         return None
     if cfg.kind == "local":
-        resources = {"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else None
+        if cfg.gpus_per_worker:
+            return local_cuda_cluster(cfg, preload=[WORKER_PRELOAD])
         return distributed.LocalCluster(
             n_workers=cfg.n_workers,
             threads_per_worker=cfg.threads_per_worker,
             processes=True,
             memory_limit=cfg.memory_limit,
-            resources=resources,
             dashboard_address="127.0.0.1:0",
             preload=[WORKER_PRELOAD],
         )
@@ -417,7 +421,7 @@ def make_cluster(cfg: ClusterConfig) -> distributed.Client | None:
                 "address, e.g. cluster: {kind: address, address: 'tcp://10.0.0.5:8786'}"
             )
         try:
-            return distributed.Client(cfg.address)  # waits distributed.comm.timeouts.connect
+            return _with_device_env(distributed.Client(cfg.address))  # waits distributed.comm.timeouts.connect
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {cfg.address!r}: {exc}. Fix: check the address "
@@ -425,7 +429,7 @@ def make_cluster(cfg: ClusterConfig) -> distributed.Client | None:
             ) from exc
     cluster = build_cluster(cfg)
     if cfg.kind == "local":
-        return distributed.Client(cluster)
+        return _with_device_env(distributed.Client(cluster))
     section = getattr(cfg, cfg.kind)
     adapt = section.get("adapt")
     try:
@@ -439,6 +443,12 @@ def make_cluster(cfg: ClusterConfig) -> distributed.Client | None:
     except BaseException:
         cluster.close()
         raise
+    return _with_device_env(client)
+
+
+def _with_device_env(client: distributed.Client) -> distributed.Client:
+    """Every worker, present and future, learns its GPU count (the device choice reads it)."""
+    client.register_plugin(WorkerGpus(), name=WorkerGpus.name)
     return client
 
 
@@ -472,6 +482,7 @@ def _rank_task(
     topic: str,
     log_every: int,
     threads: int,
+    timeout_s: float,
 ) -> dict:
     """Runs on a Dask worker: one rank of the training (process group set up around the plain loop)."""
     import torch
@@ -487,22 +498,13 @@ def _rank_task(
     with dask.config.set(scheduler="threads"):
         if world == 1:
             return run_training(cube, cfg, out, ranks=[0], report=report, log_every=log_every)
-        return _ddp_rank(cube, cfg, out, rank, world, host, port, report, log_every)
+        return _ddp_rank(cube, cfg, out, rank, world, host, port, report, log_every, timeout_s)
 
 
-def _ddp_rank(cube, cfg: RunConfig, out: str, rank: int, world: int, host, port, report, log_every: int) -> dict:
-    import datetime
-
+def _ddp_rank(cube, cfg: RunConfig, out: str, rank, world, host, port, report, log_every, timeout_s) -> dict:
     import torch.distributed as dist
 
-    backend = "nccl" if resolve_device(cfg.train.device, rank).type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{host}:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_rank_group(worker_device(cfg.train.device, rank), host, port, rank, world, timeout_s)
     try:
         return run_training(cube, cfg, out, ranks=[rank], ddp=True, report=report, log_every=log_every)
     except RuntimeError as exc:
@@ -602,7 +604,9 @@ def run_training_on_cluster(
         )
     chosen = candidates[:world]
     hosts = [urlparse(a).hostname for a in chosen]
-    cpu_per_rank = [max(1, (os.cpu_count() or 1) // hosts.count(h)) for h in hosts]
+    affinity = client.run(cpu_affinity, workers=chosen)  # run on each worker: its own CPUs
+    cpu_per_rank = rank_threads(hosts, [affinity[a] for a in chosen])
+    timeout_s = ddp_timeout()
     host = port = None
     if world > 1:
         host = hosts[0]
@@ -630,6 +634,7 @@ def run_training_on_cluster(
             topic,
             log_every,
             cpu_per_rank[r],
+            timeout_s,
             workers=[addr],
             allow_other_workers=False,
             pure=False,

@@ -46,6 +46,7 @@ from pipeline.data.cube import normalised, open_cube
 from pipeline.errors import CheckpointError, ConfigError, MPMError
 from pipeline.models import autocast_context, complementary_masks, group_indices
 from pipeline.models.checkpoint import load_checkpoint
+from pipeline.models.device import worker_device
 from pipeline.scoring.sinks import write_cog, write_zarr_resumable
 from pipeline.stages import output_complete
 
@@ -87,11 +88,8 @@ def blend_weight(window: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
 
 
 def _device(device) -> Any:
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """A forced device, else this worker's own (its GPU on a GPU worker; rules in pipeline.models.device)."""
+    return worker_device("auto" if device is None else str(device))
 
 
 def _token_pixel_masks(model, device) -> list[Any] | None:

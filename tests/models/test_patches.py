@@ -1,6 +1,10 @@
-"""The fast patch feed: regions through xbatcher, windows cut in memory, seeded order, rank shards."""
+"""The patch feed: regions through xbatcher, moved to the device once, windows cut there; seeded order, rank shards,
+random offsets, prefetch."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from dask.callbacks import Callback
 
 from pipeline.data.cube import normalised, open_cube
 from pipeline.errors import ConfigError
-from pipeline.models.patches import WindowFeed, make_loader, region_layout
+from pipeline.models.patches import WindowFeed, cut_windows, region_layout
 
 W, S = 16, 8
 
@@ -42,17 +46,8 @@ def grid_windows(cube, frac):
 
 
 def positions(feed, epoch=0):
-    regs, wins = feed.epoch_plan(epoch)
-    return [
-        tuple(
-            int(v)
-            for v in (
-                feed.all_regions[r].y0 + feed.all_regions[r].windows[k][0],
-                feed.all_regions[r].x0 + feed.all_regions[r].windows[k][1],
-            )
-        )
-        for r, k in zip(regs, wins)
-    ]
+    regs, starts = feed.epoch_plan(epoch)
+    return [(int(feed.all_regions[r].y0 + s[0]), int(feed.all_regions[r].x0 + s[1])) for r, s in zip(regs, starts)]
 
 
 def test_region_layout_tiles_the_window_grid():
@@ -125,12 +120,84 @@ def test_in_memory_and_lazy_cubes_give_the_same_batches(cube):
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(lazy, eager))
 
 
-def test_loader_wrapper_preserves_the_order(cube):
-    feed = WindowFeed(cube, window=W, stride=S, batch_size=8, min_valid_fraction=0.5)
-    ref = [x for x, _ in feed.batches(2)]
-    for workers in (0, 2):
-        got = [x for x, _ in make_loader(feed, 2, num_workers=workers)]
-        assert len(got) == len(ref) and all(torch.equal(p, q) for p, q in zip(ref, got))
+def test_cut_windows_is_a_strided_gather():
+    region = torch.arange(3 * 20 * 24, dtype=torch.float32).reshape(3, 20, 24)
+    starts = [(0, 0), (4, 8), (20 - W, 24 - W), (3, 5)]
+    flat = torch.tensor([r * 24 + c for r, c in starts])
+    got = cut_windows(region, flat, W)
+    assert got.shape == (4, 3, W, W) and got.is_contiguous()
+    for j, (r, c) in enumerate(starts):
+        assert torch.equal(got[j], region[:, r : r + W, c : c + W])
+    mask = region[0] > 100
+    assert torch.equal(cut_windows(mask, flat, W)[1], mask[4 : 4 + W, 8 : 8 + W])
+
+
+def test_regions_not_windows_cross_to_the_device(cube):
+    feed = WindowFeed(cube, window=W, stride=S, batch_size=4, min_valid_fraction=0.0)
+    x, v = next(iter(feed.batches(0)))
+    assert x.device == v.device == torch.device("cpu") and x.is_contiguous()
+    n = sum(len(x) for x, _ in feed.batches(0, start=1)) + len(x)
+    assert feed.windows_served == n
+    regions = sum((4 * feed.n_channels + 1) * r.ny * r.nx for r in feed.all_regions)
+    assert feed.h2d_bytes == regions  # each region once, evidence and mask
+    feed.windows_served = 0
+    sum(len(x) for x, _ in feed.batches(1))  # a second epoch comes from the device cache
+    assert feed.h2d_bytes == regions
+
+
+def test_random_offsets_jitter_inside_regions_and_keep_the_valid_rule(cube):
+    kw = dict(window=W, stride=S, batch_size=4, min_valid_fraction=0.5)
+    grid = WindowFeed(cube, **kw)
+    feed = WindowFeed(cube, random_offsets=True, **kw)
+    assert feed.steps_per_epoch == grid.steps_per_epoch and feed.n_windows == grid.n_windows
+    valid = cube["valid"].values.astype(bool)
+    z = normalised(cube).values
+    moved = 0
+    for epoch in (0, 1):
+        regs, starts = feed.epoch_plan(epoch)
+        g_regs, g_starts = grid.epoch_plan(epoch)
+        assert np.array_equal(regs, g_regs)  # same windows, same order: only their starts move
+        d = starts - g_starts
+        assert d.min() >= 0 and d.max() < S
+        moved += int((d != 0).any(axis=1).sum())
+        for r, (sy, sx) in zip(regs, starts):
+            reg = feed.all_regions[r]
+            assert sy + W <= reg.ny and sx + W <= reg.nx  # inside the region, halo included
+            y0, x0 = reg.y0 + sy, reg.x0 + sx
+            assert valid[y0 : y0 + W, x0 : x0 + W].mean() >= 0.5
+    assert moved > len(regs)  # most windows move
+    assert not np.array_equal(feed.epoch_plan(0)[1], feed.epoch_plan(1)[1])
+    again = WindowFeed(cube, random_offsets=True, **kw)
+    assert np.array_equal(again.epoch_plan(1)[1], feed.epoch_plan(1)[1])  # seeded in (seed, epoch, rank)
+    pos = positions(feed, 1)
+    for i, (x, v) in enumerate(feed.batches(1)):
+        for j in range(len(x)):
+            y0, x0 = pos[i * 4 + j]
+            np.testing.assert_array_equal(x[j].numpy(), z[:, y0 : y0 + W, x0 : x0 + W])
+            np.testing.assert_array_equal(v[j].numpy(), valid[y0 : y0 + W, x0 : x0 + W])
+
+
+def test_the_cube_valid_variable_is_used_as_given(cube):
+    held_out = cube.copy()
+    valid = cube["valid"].values.astype(bool).copy()
+    valid[:, :32] = False  # a held-out block
+    held_out["valid"] = (cube["valid"].dims, valid)
+    feed = WindowFeed(held_out, window=W, stride=S, batch_size=2, min_valid_fraction=0.5, random_offsets=True)
+    for epoch in (0, 1):
+        for y0, x0 in positions(feed, epoch):
+            assert valid[y0 : y0 + W, x0 : x0 + W].mean() >= 0.5 and x0 + W > 32
+
+
+def test_prefetch_reads_ahead_and_releases_regions(cube):
+    feed = WindowFeed(cube, window=W, stride=S, batch_size=4, min_valid_fraction=0.0, regions_per_pool=1)
+    it = feed.batches(0)
+    next(it)
+    deadline = time.monotonic() + 10
+    while feed.reads < 2 and time.monotonic() < deadline:  # the next pool's region, read on the thread
+        time.sleep(0.01)
+    assert 2 <= feed.reads < len(feed.all_regions)
+    it.close()  # stops the prefetch thread
+    assert not any(t.name.startswith("mpm-feed") and t.is_alive() for t in threading.enumerate())
 
 
 def test_too_few_windows_says_what_to_lower(cube):

@@ -1,16 +1,23 @@
 """Clusters from config and profiles: local/address for real, the batch kinds as far as this box allows
-(job scripts, Kubernetes specs, unreachable gateways, missing optional packages)."""
+(job scripts, Kubernetes specs, unreachable gateways, missing optional packages); what each worker runs on
+(its device, its CPUs, its process group) with real workers and a real gloo group."""
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
 import sys
 from pathlib import Path
 
+import dask
+import distributed
 import pytest
+import torch
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import ConfigError, DependencyError
+from pipeline.models.device import WORKER_GPUS_ENV, worker_device
 from pipeline.run.cluster import (
     PROFILE_DIR,
     ClusterError,
@@ -22,6 +29,16 @@ from pipeline.run.cluster import (
     make_cluster,
     resolve_profile,
     worker_args,
+)
+from pipeline.run.workers import (
+    DDP_TIMEOUT_KEY,
+    WorkerGpus,
+    cpu_affinity,
+    ddp_timeout,
+    init_rank_group,
+    process_group_options,
+    rank_threads,
+    require_cuda_build,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +140,7 @@ def test_jobqueue_profile_produces_a_job_script(name, directive):
     assert directive in script
     assert "dask_worker tcp://10.1.2.3:8786" in script
     assert "--nthreads 1" in script and "--resources GPU=1" in script
-    assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
+    assert "DAEMON" not in script  # no DataLoader worker processes: the feed prefetches on a thread
     if name == "slurm-gpu":
         assert "#SBATCH --cpus-per-task=8" in script and "#SBATCH -p gpu" in script
 
@@ -210,22 +227,107 @@ def test_address_unreachable_is_a_cluster_error():
             make_cluster(ClusterConfig(kind="address", address=f"tcp://127.0.0.1:{port}"))
 
 
-def test_local_gpu_profile_gives_gpu_resources_and_address_connects():
-    """A real LocalCluster from a profile (GPU resource advertised, no GPU used) and a second client by address."""
-    from pipeline.run.cluster import cluster_has_gpus
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-build failure")
+def test_local_gpu_profile_without_cuda_fails_in_one_line_naming_the_fix():
+    cfg = load_profile("local-gpu")
+    assert (cfg.kind, cfg.gpus_per_worker, cfg.threads_per_worker) == ("local", 1, 1)
+    with pytest.raises(
+        ConfigError, match=r"gpus_per_worker is 1 but torch is a CPU build.*Fix: install a CUDA build"
+    ) as e:
+        make_cluster(cfg)
+    assert "\n" not in str(e.value)
 
-    cfg = load_profile("local-gpu").model_copy(update={"memory_limit": "1GiB"})
-    client = make_cluster(cfg)
+
+def test_local_gpu_cluster_layout_rules():
+    cfg = ClusterConfig(kind="local", n_workers=2, gpus_per_worker=1)
+    assert require_cuda_build(cfg, cuda_available=True, device_count=4) == 4
+    with pytest.raises(ConfigError, match=r"n_workers is 2 but this machine has 1 GPU.*Fix: set cluster.n_workers"):
+        require_cuda_build(cfg, cuda_available=True, device_count=1)
+    with pytest.raises(ConfigError, match=r"gpus_per_worker is 2 on a local cluster.*Fix: use gpus_per_worker: 1"):
+        require_cuda_build(cfg.model_copy(update={"gpus_per_worker": 2}), cuda_available=True, device_count=4)
+
+
+def test_missing_dask_cuda_says_what_to_install(monkeypatch):
+    from pipeline.run.workers import local_cuda_cluster
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the CUDA check, to the import
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)
+    with pytest.raises(DependencyError, match=r"needs the optional package 'dask_cuda'.*Fix: pip install dask-cuda"):
+        local_cuda_cluster(ClusterConfig(kind="local", n_workers=1, gpus_per_worker=1), preload=[])
+
+
+def test_workers_learn_their_gpus_and_use_their_own_device():
+    """Real worker processes: a CPU worker of make_cluster gets GPU=0 and the CPU; a worker that declares a
+    GPU on a CPU build of torch fails in one line instead of training on the CPU."""
+    client = make_cluster(ClusterConfig(kind="local", n_workers=1, memory_limit="1GiB"))
     try:
-        assert cluster_has_gpus(client)
-        info = client.scheduler_info(n_workers=-1)["workers"]
-        assert len(info) == 1 and all(w["nthreads"] == 1 for w in info.values())
+        assert list(client.run(lambda: os.environ.get(WORKER_GPUS_ENV)).values()) == ["0"]
+        assert client.submit(worker_device, "auto", pure=False).result(timeout=60) == torch.device("cpu")
         other = make_cluster(ClusterConfig(kind="address", address=client.scheduler.address))
         try:
-            assert other.submit(sum, [1, 2], resources={"GPU": 1}).result(timeout=30) == 3
+            assert other.submit(sum, [1, 2]).result(timeout=30) == 3
         finally:
             other.close()
     finally:
         cluster = client.cluster
         client.close()
         cluster.close()
+    if torch.cuda.is_available():
+        return
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, resources={"GPU": 1}
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.register_plugin(WorkerGpus(), name=WorkerGpus.name)
+        fut = client.submit(worker_device, "auto", resources={"GPU": 1}, pure=False)
+        with pytest.raises(ConfigError, match=r"worker declares GPU=1 but torch is a CPU build.*Fix: install a CUDA"):
+            fut.result(timeout=60)
+
+
+def test_threads_per_rank_come_from_each_workers_affinity():
+    # a 128-CPU login node running two ranks unpinned: half each; two GPU workers pinned to their NUMA nodes
+    # keep their own CPUs; ranks on other hosts do not count
+    node = list(range(128))
+    assert rank_threads(["login", "login"], [node, node]) == [64, 64]
+    assert rank_threads(["g", "g"], [list(range(0, 8)), list(range(8, 16))]) == [8, 8]
+    assert rank_threads(["a", "b"], [list(range(8)), list(range(8))]) == [8, 8]
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c,
+        distributed.Client(c) as client,
+    ):
+        first = sorted(client.scheduler_info()["workers"])[0]
+        client.run(os.sched_setaffinity, 0, {0}, workers=[first])  # as a batch job's cgroup would
+        got = client.run(cpu_affinity)
+        assert got[first] == [0]
+        assert all(v == sorted(os.sched_getaffinity(0)) for a, v in got.items() if a != first)
+
+
+def test_ddp_timeout_is_configurable():
+    assert ddp_timeout() == 1800
+    with dask.config.set({DDP_TIMEOUT_KEY: "2 hours"}):
+        assert ddp_timeout() == 7200
+    with dask.config.set({DDP_TIMEOUT_KEY: "soon"}):
+        with pytest.raises(ConfigError, match=r"'mpm.ddp-timeout' is 'soon'.*Fix: give a positive duration"):
+            ddp_timeout()
+
+
+def test_nccl_gets_its_device_and_gloo_runs_the_same_path():
+    backend, kw = process_group_options(torch.device("cuda", 0), 90.0)
+    assert backend == "nccl" and kw == {"device_id": torch.device("cuda", 0), "timeout": datetime.timedelta(seconds=90)}
+    backend, kw = process_group_options(torch.device("cpu"), 90.0)
+    assert backend == "gloo" and "device_id" not in kw
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert init_rank_group(torch.device("cpu"), "127.0.0.1", port, 0, 1, 30.0) == "gloo"
+    try:
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert dist.get_backend() == "gloo" and torch.equal(t, torch.ones(3))
+    finally:
+        dist.destroy_process_group()
