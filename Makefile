@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: install demo lint test test-all reliability bench clean
+.PHONY: install demo lint test test-all reliability bench gpu-check clean
 
 $(BIN)/mpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test-all: install
 # docs/reliability.md: the bad-input, fault and interrupt cases, written by the suite itself
 reliability: install
 	MPM_RELIABILITY_DOC=docs/reliability.md $(BIN)/python -m pytest -m reliability -q
+
+# the one prepared device check (issue 15): gpu-marked tests and GPU benchmarks in <= 8 min; without CUDA it
+# says so in one line and exits 0. No install step: a GPU machine may have no network (docs/performance.md)
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) out
