@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.storage import Location, is_url, redact
 
 SOURCES_HINT = "geochemistry, geophysics, geology (or any group name of your own)"
 KINDS = ("continuous", "categorical", "distance", "indicator", "points")
@@ -217,8 +218,8 @@ class GridConfig(_Frozen):
     bounds: tuple[float, float, float, float] | None = Field(
         None, description="[xmin, ymin, xmax, ymax] in the target CRS."
     )
-    like: Path | None = Field(None, description="A raster whose CRS, resolution and bounds define the grid.")
-    mask: Path | None = Field(
+    like: Location | None = Field(None, description="A raster whose CRS, resolution and bounds define the grid.")
+    mask: Location | None = Field(
         None,
         description="Study area: a polygon file (inside = valid) or a raster (valid where not nodata and non-zero).",
     )
@@ -270,7 +271,7 @@ class LayerConfig(_Frozen):
     """One evidence layer. ``kind`` decides how it is read and resampled."""
 
     name: str = Field(..., min_length=1)
-    path: Path
+    path: Location
     source: str = Field("geochemistry", description=f"Source group: {SOURCES_HINT}.")
     kind: str = "continuous"
     transform: str = "none"
@@ -354,7 +355,7 @@ class LayerConfig(_Frozen):
 class DepositsConfig(_Frozen):
     """Known deposits: evaluation only, never training or normalisation."""
 
-    path: Path
+    path: Location
     x: str | None = None
     y: str | None = None
     crs: str | None = None
@@ -508,10 +509,12 @@ class RunConfig(_Frozen):
         return self
 
     # -- paths ---------------------------------------------------------------------------------
-    def resolve(self, p: Path | str | None) -> Path | None:
-        """Resolve a path from the config against the config file's folder."""
+    def resolve(self, p: Path | str | None) -> Path | str | None:
+        """Resolve a path from the config against the config file's folder (a URL is returned as it is)."""
         if p is None:
             return None
+        if is_url(p):
+            return str(p)
         p = Path(p).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
@@ -657,6 +660,7 @@ def _format_validation_error(exc: ValidationError, data: dict) -> str:
         elif err["type"] == "missing":
             msg = "required key is missing. Fix: add it"
         value = err.get("input")
+        value = redact(value) if isinstance(value, str) else value  # never a URL's user:secret@
         shown = "" if err["type"] in ("missing",) or repr(value) in msg else f" (got {value!r})"
         if isinstance(value, dict):
             shown = ""

@@ -17,6 +17,7 @@ with the cube and, later, inside every checkpoint. Deposits never enter these st
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import odc.geo.xr  # noqa: F401  (registers the .odc accessor)
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
+from pipeline import storage
 from pipeline.errors import CubeError, LayerError
 from pipeline.io import atomic_path
 
@@ -213,10 +215,12 @@ def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, prov
     """Compute and write a cube atomically: write ``<path>.tmp-*``, add statistics, then rename.
 
     A failure at any point leaves no store at ``path`` (and removes the temporary one).
-    Returns the path.
+    ``path`` may be a URL (``s3://bucket/run/cube.zarr``): object storage cannot rename a folder, so the
+    store is written in place (an old one removed first) and is a cube only once its statistics, written
+    last, are there (:func:`open_cube` refuses it before). Returns the path.
     """
 
-    path = Path(path)
+    path = storage.location(path)
     ds = ds.copy()
     ds.attrs = {**ds.attrs, "mpm_cube_version": CUBE_VERSION}
     if provenance is not None:
@@ -229,7 +233,7 @@ def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, prov
         var.encoding.pop("preferred_chunks", None)
     # atomic_path: written under <path>.tmp-*, renamed onto path when complete (an existing cube is moved
     # aside first, then removed); on any failure, Ctrl-C included, the temporary is removed.
-    with atomic_path(path) as tmp:
+    with _cube_target(path) as tmp:
         delayed = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
         if progress:
             from dask.diagnostics import ProgressBar
@@ -247,6 +251,21 @@ def write_cube(ds: xr.Dataset, path: str | Path, *, progress: bool = False, prov
     return path
 
 
+@contextmanager
+def _cube_target(path):
+    """Where :func:`write_cube` writes: a temporary beside a local ``path``; a URL itself, emptied first."""
+    if not storage.is_url(path):
+        with atomic_path(path) as tmp:
+            yield tmp
+        return
+    storage.remove(path)
+    try:
+        yield path
+    except BaseException:
+        storage.remove(path)  # as locally: a failed write leaves no store
+        raise
+
+
 def _consolidate(path: Path) -> None:
     import warnings
 
@@ -258,7 +277,9 @@ def _consolidate(path: Path) -> None:
 
 
 def open_cube(path: str | Path, *, validate: bool = True) -> xr.Dataset:
-    """Open a cube lazily (dask-backed) and check that it is complete and consistent."""
+    """Open a cube lazily (dask-backed) and check that it is complete and consistent. ``path`` may be a URL."""
+    if storage.is_url(path):
+        return _open_remote_cube(str(path), validate)
     path = Path(path)
     if not path.exists():
         raise CubeError(f"cube {str(path)!r} does not exist. Fix: build it with `mpm cube CONFIG --out DIR`")
@@ -292,6 +313,34 @@ def open_cube(path: str | Path, *, validate: bool = True) -> xr.Dataset:
     if validate:
         validate_cube(ds, str(path))
         _check_chunks(path, ds)
+    return ds
+
+
+def _open_remote_cube(url: str, validate: bool) -> xr.Dataset:
+    """:func:`open_cube` for a store on object storage (fsspec reads it; the same checks, by listing keys)."""
+    import warnings
+
+    shown = storage.redact(url)
+    if not storage.exists(storage.join(url, "zarr.json")):
+        raise CubeError(
+            f"cube {shown!r} does not exist or has no root metadata. Fix: build it with "
+            "`mpm cube CONFIG --out URL`, and check the URL and the credentials in the environment"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = xr.open_zarr(url, zarr_format=3, decode_coords="all")
+    except Exception as exc:
+        raise CubeError(
+            f"cube {shown!r} cannot be opened as a Zarr v3 store ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Fix: rebuild it with `mpm cube`"
+        ) from None
+    small = [c for c in ("band", *BAND_COORDS, *STAT_COORDS) if c in ds.coords]
+    ds = ds.assign_coords({c: ds[c].load() for c in small})
+    ds = _guard_reads(ds, url)
+    if validate:
+        validate_cube(ds, shown)
+        _check_chunks(url, ds)
     return ds
 
 
@@ -332,13 +381,13 @@ def _guard_reads(ds: xr.Dataset, path: Path) -> xr.Dataset:
             continue
         var = ds[name]
         try:
-            arr = zarr.open_array(store=str(path / name), mode="r", zarr_format=3)
+            arr = zarr.open_array(store=str(storage.join(path, name)), mode="r", zarr_format=3)
         except Exception:  # an unusual layout: keep xarray's reader
             continue
         if tuple(arr.shape) != var.shape or np.dtype(arr.dtype) != var.dtype:
             continue  # xarray decoded it (e.g. a fill value to NaN): keep xarray's reader
         data = dsa.from_array(
-            _GuardedArray(arr, str(path), name),
+            _GuardedArray(arr, storage.redact(path), name),
             chunks=var.data.chunks,
             lock=False,
             name=f"mpm-cube-{var.data.name}",
@@ -386,9 +435,9 @@ def _check_chunks(path: Path, ds: xr.Dataset) -> None:
     import itertools
     import math
 
-    arr = path / "evidence"
+    arr = storage.join(path, "evidence")
     try:
-        meta = json.loads((arr / "zarr.json").read_text())
+        meta = json.loads(storage.read_text(storage.join(arr, "zarr.json")))
         enc = meta.get("chunk_key_encoding", {})
         shape = meta["shape"]
         chunk_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
@@ -398,7 +447,13 @@ def _check_chunks(path: Path, ds: xr.Dataset) -> None:
         return
     sep = enc.get("configuration", {}).get("separator", "/")
     grid = [range(math.ceil(n / c)) for n, c in zip(shape, chunk_shape)]
-    absent = [idx for idx in itertools.product(*grid) if not (arr / ("c" + sep + sep.join(map(str, idx)))).exists()]
+    if storage.is_url(path):  # one listing, not a request per chunk
+        fs, key = storage.filesystem(arr)
+        there = {k[len(key.rstrip("/")) + 1 :] for k in fs.find(key)}
+        exists = lambda rel: rel in there
+    else:
+        exists = lambda rel: (arr / rel).exists()
+    absent = [idx for idx in itertools.product(*grid) if not exists("c" + sep + sep.join(map(str, idx)))]
     if not absent:
         return
     _, cy, cx = chunk_shape
@@ -409,7 +464,7 @@ def _check_chunks(path: Path, ds: xr.Dataset) -> None:
             lost.append("evidence/c" + sep + sep.join(map(str, (ib, iy, ix))))
     if lost:
         raise CubeError(
-            f"cube {str(path)!r} is damaged: chunk file(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} of 'evidence' "
+            f"cube {storage.redact(path)!r} is damaged: chunk file(s) {lost[:5]}{' ...' if len(lost) > 5 else ''} of 'evidence' "
             f"are missing ({len(lost)} of {math.prod(len(g) for g in grid)}), where the cube has valid pixels (an "
             "interrupted copy or a deleted file). Fix: rebuild it with `mpm cube CONFIG --out DIR --force`, or copy "
             "the whole store again"

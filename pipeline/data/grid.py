@@ -18,6 +18,7 @@ from odc.geo import CRS as OdcCRS
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import BoundingBox
 
+from pipeline import storage
 from pipeline.errors import ConfigError, InputDataError, LayerError
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".nc", ".asc"}
@@ -25,8 +26,8 @@ RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".nc", ".asc"}
 __all__ = ["is_raster", "parse_crs", "geobox_coords", "grid_da", "check_overlap", "ensure_input_exists"]
 
 
-def is_raster(path: Path) -> bool:
-    return Path(path).suffix.lower() in RASTER_SUFFIXES
+def is_raster(path: Path | str) -> bool:
+    return storage.suffix(path).lower() in RASTER_SUFFIXES
 
 
 def parse_crs(value: str, where: str) -> OdcCRS:
@@ -110,12 +111,15 @@ def _mostly_overlaps(box: tuple, ext) -> bool:
 
 
 def ensure_input_exists(path: Path, name: str) -> None:
-    if not path.exists():
-        raise LayerError(name, f"file {str(path)!r} does not exist", "check the 'path' (relative to the config file)")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputDataError(f"layer {name!r}: file {str(path)!r} is empty. Fix: re-export it")
-    if path.is_file() and path.suffix.lower() in (".csv", ".txt", ".tsv"):
-        with open(path, "rb") as f:
+    if not storage.exists(path):
+        where = "check the URL and the credentials in the environment" if storage.is_url(path) else "check the 'path'"
+        raise LayerError(
+            name, f"file {storage.redact(path)!r} does not exist", f"{where} (relative to the config file)"
+        )
+    if storage.is_file(path) and storage.size(path) == 0:
+        raise InputDataError(f"layer {name!r}: file {storage.redact(path)!r} is empty. Fix: re-export it")
+    if storage.is_file(path) and storage.suffix(path).lower() in (".csv", ".txt", ".tsv"):
+        with storage.open_file(path, "rb") as f:
             head = [line for _, line in zip(range(2), (l for l in f if l.strip()))]
         if len(head) < 2:
             raise LayerError(

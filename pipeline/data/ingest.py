@@ -26,7 +26,7 @@ from odc.geo import CRS as OdcCRS
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import BoundingBox
 
-from pipeline import __version__
+from pipeline import __version__, storage
 from pipeline.config import GridConfig, LayerConfig, RunConfig
 from pipeline.data.cube import from_arrays
 from pipeline.data.grid import (
@@ -86,7 +86,8 @@ def open_raster_layer(
     ensure_input_exists(path, layer.name)
     bbox = raster_footprint(path, layer.name, layer.crs, geobox.crs)
     check_overlap(layer.name, bbox, geobox)
-    with rasterio.open(path) as src:
+    src_name = storage.gdal_path(path)  # /vsis3/... for s3://, /vsicurl/... for https://
+    with rasterio.open(src_name) as src:
         if layer.band > src.count:
             raise LayerError(
                 layer.name, f"band {layer.band} requested but {str(path)!r} has {src.count}", "set 'band' to 1..count"
@@ -101,7 +102,7 @@ def open_raster_layer(
         src_crs = src.crs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        da = rioxarray.open_rasterio(path, chunks={"band": 1, "y": chunk, "x": chunk}, masked=True, lock=False)
+        da = rioxarray.open_rasterio(src_name, chunks={"band": 1, "y": chunk, "x": chunk}, masked=True, lock=False)
     da = da.sel(band=layer.band, drop=True).astype("float32")
     if src_crs is None:
         da = da.rio.write_crs(layer.crs)
@@ -132,7 +133,7 @@ def open_raster_layer(
         data = dsa.map_blocks(
             _warp_block,
             template,
-            str(path),
+            src_name,
             layer.band,
             (src_crs or CRS.from_user_input(layer.crs)).to_wkt(),
             mask,
@@ -182,6 +183,7 @@ def _warp_block(
     (r0, r1), (c0, c1) = block_info[None]["array-location"]
     dst = geobox[r0:r1, c0:c1]
     out = np.full(dst.shape, np.nan, dtype="float32")
+    storage.use_endpoint()  # a worker process started before AWS_ENDPOINT_URL was read
     with rasterio.open(path) as src:
         bounds = transform_bounds(dst.crs.wkt, src_crs, *dst.boundingbox, densify_pts=21)
         inv = ~src.transform
@@ -242,7 +244,7 @@ def read_layer(layer: LayerConfig, cfg: RunConfig, geobox: GeoBox, chunk: int, s
     if not is_raster(path):
         raise LayerError(
             layer.name,
-            f"kind {layer.kind!r} expects a raster (.tif) but got {path.name!r}",
+            f"kind {layer.kind!r} expects a raster (.tif) but got {storage.name_of(path)!r}",
             "use kind 'distance', 'indicator' or 'categorical' for vector files",
         )
     da = open_raster_layer(layer, cfg, geobox, chunk)
@@ -265,8 +267,12 @@ def _raster_clr(bands: list[xr.DataArray], names: list[str]) -> list[xr.DataArra
 # ----------------------------------------------------------------------------------------------
 # the cube
 # ----------------------------------------------------------------------------------------------
-def file_fingerprint(path: Path, max_hash_bytes: int = 64 * 2**20) -> str:
-    """sha256 of a file (or of a folder's file list), or size+mtime for large files."""
+def file_fingerprint(path: Path | str, max_hash_bytes: int = 64 * 2**20) -> str:
+    """sha256 of a file (or of a folder's file list), or size+mtime for large files; an object's ETag."""
+    if storage.is_url(path):
+        fs, key = storage.filesystem(path)
+        info = fs.info(key)
+        return f"etag={str(info.get('ETag', '')).strip(chr(34))};size={info.get('size')}"
     path = Path(path)
     if path.is_dir():
         return "dir"
@@ -285,9 +291,9 @@ def provenance(cfg: RunConfig) -> dict:
         "config_name": cfg.name,
         "mpm_version": __version__,
         "inputs": {
-            l.name: {"path": str(cfg.resolve(l.path)), "hash": file_fingerprint(cfg.resolve(l.path))}
+            l.name: {"path": storage.redact(cfg.resolve(l.path)), "hash": file_fingerprint(cfg.resolve(l.path))}
             for l in cfg.layers
-            if cfg.resolve(l.path).exists()
+            if storage.exists(cfg.resolve(l.path))
         },
         "grid": cfg.grid.model_dump(mode="json"),
     }
@@ -346,7 +352,7 @@ def build_cube(cfg: RunConfig, scratch: str | Path | None = None) -> xr.Dataset:
             "none" if m[1].kind in ("categorical", "indicator") and m[1].scaling == "robust" else m[1].scaling
             for m in meta
         ],
-        files=[str(cfg.resolve(m[1].path)) for m in meta],
+        files=[storage.redact(cfg.resolve(m[1].path)) for m in meta],
         x=x,
         y=y,
         crs=geobox.crs.wkt,
@@ -360,7 +366,7 @@ def _open_raster_meta(path: Path, name: str):
 
     ensure_input_exists(path, name)
     try:
-        return rasterio.open(path)
+        return rasterio.open(storage.gdal_path(path))
     except Exception as exc:
         raise LayerError(
             name, f"file {str(path)!r} cannot be read as a raster ({exc})", "check that it is a valid GeoTIFF"
@@ -428,9 +434,7 @@ def check_raster_complete(src, path: Path, name: str, band: int = 1) -> None:
     """
     if src.driver != "GTiff":
         return
-    import os
-
-    size = os.path.getsize(path)
+    size = storage.size(path)
     windows = [ji for ji, _ in src.block_windows(band)]
     if len(windows) > 20_000:  # very large rasters: the last blocks (written last) and a regular sample
         windows = windows[:: len(windows) // 10_000] + windows[-256:]
@@ -511,7 +515,7 @@ def study_mask(cfg: RunConfig, geobox: GeoBox, chunk: int) -> xr.DataArray | Non
     if cfg.grid.mask is None:
         return None
     path = cfg.resolve(cfg.grid.mask)
-    if not path.exists():
+    if not storage.exists(path):
         raise ConfigError(f"grid.mask: file {str(path)!r} does not exist. Fix: check the path (relative to the config)")
     x, y = geobox_coords(geobox)
     if is_raster(path):

@@ -39,6 +39,7 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import BoundingBox
 
+from pipeline import storage
 from pipeline.config import LayerConfig, QueryError, RunConfig, safe_query
 from pipeline.data.grid import check_overlap, ensure_input_exists, geobox_coords, grid_da
 from pipeline.data.vectors import read_vector
@@ -377,7 +378,7 @@ def _read_point_arrays(layer: LayerConfig, cfg: RunConfig, dst_crs) -> tuple[np.
     not hold them at all: :mod:`pipeline.data.points` streams the same blocks to disk.)
     """
     path = cfg.resolve(layer.path)
-    cap = _count_lines(path) if path.suffix.lower() in (".csv", ".txt") and path.is_file() else 0
+    cap = _count_lines(path) if storage.suffix(path).lower() in (".csv", ".txt") and storage.is_file(path) else 0
     px, py = np.empty(cap, dtype="float64"), np.empty(cap, dtype="float64")
     arr = np.empty((cap, len(layer.columns)), dtype="float32")  # values are gridded to float32 anyway
     n = 0
@@ -405,7 +406,7 @@ def point_blocks(layer: LayerConfig, cfg: RunConfig, dst_crs):
     path = cfg.resolve(layer.path)
     ensure_input_exists(path, layer.name)
     dst = dst_crs.wkt if hasattr(dst_crs, "wkt") else dst_crs
-    if path.suffix.lower() not in (".csv", ".txt"):
+    if storage.suffix(path).lower() not in (".csv", ".txt"):
         gdf = read_vector(path, layer.layer, layer.name, layer.crs, layer.query)
         _check_value_columns(layer, path, list(gdf.columns))
         x, y = gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy()
@@ -468,9 +469,9 @@ def point_blocks(layer: LayerConfig, cfg: RunConfig, dst_crs):
         raise LayerError(layer.name, "no sample has finite coordinates", "check the x/y columns")
 
 
-def _count_lines(path: Path) -> int:
+def _count_lines(path: Path | str) -> int:
     n = 0
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         while block := f.read(1 << 24):
             n += block.count(b"\n")
     return n + 1

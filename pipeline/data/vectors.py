@@ -13,6 +13,7 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import BoundingBox
 
+from pipeline import storage
 from pipeline.config import LayerConfig, QueryError, RunConfig, safe_query
 from pipeline.data.grid import check_overlap, ensure_input_exists, grid_da
 from pipeline.errors import LayerError
@@ -73,20 +74,20 @@ def read_vector(path: Path, layer: str | None, name: str, crs: str | None, query
             safe_query(query)
         except QueryError as exc:
             raise LayerError(name, exc.problem, exc.fix) from None
-    ensure_input_exists(Path(path), name)
+    ensure_input_exists(path, name)
     try:
-        gdf = gpd.read_file(path, layer=layer)
+        gdf = gpd.read_file(storage.gdal_path(path), layer=layer)
     except Exception as exc:
         hint = ""
         try:
             import pyogrio
 
-            hint = f"; layers in the file: {[l[0] for l in pyogrio.list_layers(path)]}"
+            hint = f"; layers in the file: {[l[0] for l in pyogrio.list_layers(storage.gdal_path(path))]}"
         except Exception:
             pass
         raise LayerError(
             name,
-            f"cannot read vector file {str(path)!r} (layer {layer!r}): {exc}{hint}",
+            f"cannot read vector file {storage.redact(path)!r} (layer {layer!r}): {exc}{hint}",
             "check the path and the 'layer' name",
         ) from None
     if gdf.crs is None:

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from pipeline import storage
 from pipeline.errors import MPMError
 from pipeline.io import atomic_path
 
@@ -71,20 +73,18 @@ def _fingerprint(ds: xr.Dataset, extra: str | None) -> str:
     return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _group_attrs(path: Path) -> dict | None:
-    """Attributes of the Zarr group at ``path``, or None when it is not a readable Zarr v3 group."""
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return None
+def _group_attrs(path: Path | str) -> dict | None:
+    """Attributes of the Zarr group at ``path`` (a folder or a URL), or None when it is not a readable Zarr v3
+    group."""
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
+        return json.loads(storage.read_text(storage.join(path, "zarr.json"))).get("attributes", {})
     except (OSError, ValueError):
         return None
 
 
 def is_complete(path: str | Path) -> bool:
     """True when ``path`` is a store that :func:`write_zarr_resumable` finished."""
-    attrs = _group_attrs(Path(path))
+    attrs = _group_attrs(storage.location(path))
     return bool(attrs and attrs.get(COMPLETE_ATTR))
 
 
@@ -109,8 +109,7 @@ def _write_region(path: str, names: list[str], dims: list[tuple[str, ...]], bloc
         index = tuple(region.get(d, slice(None)) for d in vdims)
         arr[index] = np.asarray(block).astype(arr.dtype, copy=False)
     # The marker is written only after every variable of the region is on disk.
-    with open(marker, "w") as f:
-        f.write("")
+    storage.write_bytes(marker, b"")
     return 1
 
 
@@ -144,7 +143,7 @@ def write_zarr_resumable(
     """
     import dask
 
-    path = Path(path)
+    path = storage.location(path)  # a folder, or a URL: markers are then objects under the store's prefix
     lazy = [n for n, v in ds.data_vars.items() if v.chunks is not None and set(dims) <= set(v.dims)]
     if not lazy:
         raise OutputError(
@@ -158,25 +157,25 @@ def write_zarr_resumable(
         var.encoding.pop("preferred_chunks", None)
     fp = _fingerprint(ds, fingerprint)
 
-    attrs = _group_attrs(path) if path.exists() else None
-    if path.exists() and (attrs is None or FINGERPRINT_ATTR not in attrs):
+    there = storage.exists(path)
+    attrs = _group_attrs(path) if there else None
+    if there and (attrs is None or FINGERPRINT_ATTR not in attrs):
         raise OutputError(
-            f"{str(path)!r} exists and was not written by write_zarr_resumable; refusing to overwrite it. "
+            f"{storage.redact(path)!r} exists and was not written by write_zarr_resumable; refusing to overwrite it. "
             "Fix: remove it or choose another output path"
         )
     if attrs is not None and attrs.get(FINGERPRINT_ATTR) == fp and attrs.get(COMPLETE_ATTR):
         return path
     if attrs is None or attrs.get(FINGERPRINT_ATTR) != fp:
-        if path.exists():  # an output of ours for other inputs: start over
-            shutil.rmtree(path)
+        if there:  # an output of ours for other inputs: start over
+            storage.remove(path)
         template = ds.copy()
         template.attrs = {**ds.attrs, FINGERPRINT_ATTR: fp, COMPLETE_ATTR: False}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            template.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
-    manifest = path / MANIFEST_DIR
-    manifest.mkdir(exist_ok=True)
-    done = {p.name for p in manifest.iterdir()}
+            template.to_zarr(str(path), mode="w", compute=False, zarr_format=3, consolidated=False)
+    manifest = storage.join(path, MANIFEST_DIR)
+    done = _recorded(manifest)
 
     names = lazy
     vdims = [ds[n].dims for n in names]
@@ -209,7 +208,7 @@ def write_zarr_resumable(
                 vdims,
                 per_var,
                 region,
-                str(manifest / key),
+                str(storage.join(manifest, key)),
                 dask_key_name=f"write-region-{key}-{uuid.uuid4().hex[:6]}",
             )
             for key, region, per_var in batch
@@ -218,20 +217,33 @@ def write_zarr_resumable(
         if on_batch is not None:
             on_batch([k for k, _, _ in batch])
 
-    missing = [k for k in (_region_key(r) for r in zarr_regions(ds, dims)) if not (manifest / k).exists()]
+    recorded = _recorded(manifest)
+    missing = [k for k in (_region_key(r) for r in zarr_regions(ds, dims)) if k not in recorded]
     if missing:  # pragma: no cover - a task that returned without its marker
         raise OutputError(
-            f"{len(missing)} region(s) of {str(path)!r} were not recorded (first: {missing[0]}). Fix: rerun"
+            f"{len(missing)} region(s) of {storage.redact(path)!r} were not recorded (first: {missing[0]}). Fix: rerun"
         )
     _finish(path)
     return path
 
 
-def _finish(path: Path) -> None:
+def _recorded(manifest: Path | str) -> set[str]:
+    """Names of the region markers under ``manifest`` (one listing; none when it is not there)."""
+    if not storage.is_url(manifest):
+        Path(manifest).mkdir(exist_ok=True)
+        return {p.name for p in Path(manifest).iterdir()}
+    fs, key = storage.filesystem(manifest)
+    try:
+        return {storage.name_of(k) for k in fs.ls(key, detail=False, refresh=True)}
+    except FileNotFoundError:
+        return set()
+
+
+def _finish(path: Path | str) -> None:
     import zarr
 
     # The manifest has served its purpose; zarr would warn about the foreign folder on every listing.
-    shutil.rmtree(path / MANIFEST_DIR, ignore_errors=True)
+    storage.remove(storage.join(path, MANIFEST_DIR))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         group = zarr.open_group(str(path), mode="r+")
@@ -263,7 +275,7 @@ def write_cog(
     import odc.geo.xr  # noqa: F401  (registers the .odc accessor)
     from odc.geo.cog import save_cog_with_dask
 
-    path = Path(path)
+    path = storage.location(path)
     if da.ndim != 2 or da.dims != ("y", "x"):
         raise OutputError(
             f"write_cog needs a (y, x) DataArray, got dims {da.dims} for {da.name!r}; "
@@ -285,9 +297,17 @@ def write_cog(
     if np.issubdtype(da.dtype, np.floating):
         da.attrs["nodata"] = np.nan
         da.encoding.pop("_FillValue", None)
-    with atomic_path(path, keep_suffix=True) as tmp:
-        task = save_cog_with_dask(
-            da, str(tmp), blocksize=blocksize, compression=compression, overview_resampling=overview_resampling
-        )
-        dask.compute(task, scheduler=scheduler)
+    # to object storage: written here first, then one upload (one object appears whole or not at all)
+    local = Path(tempfile.mkdtemp(prefix="mpm-cog-")) / storage.name_of(path) if storage.is_url(path) else path
+    try:
+        with atomic_path(local, keep_suffix=True) as tmp:
+            task = save_cog_with_dask(
+                da, str(tmp), blocksize=blocksize, compression=compression, overview_resampling=overview_resampling
+            )
+            dask.compute(task, scheduler=scheduler)
+        if local != path:
+            storage.upload(local, path)
+    finally:
+        if local != path:
+            shutil.rmtree(local.parent, ignore_errors=True)
     return path
