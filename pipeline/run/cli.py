@@ -76,9 +76,11 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     from pipeline.run.runner import run_pipeline
+    from pipeline.storage import location
 
     cfg = _with_cluster(_load(args.config), args)
-    run_pipeline(cfg, Path(args.out), force=args.force, stages=args.stages, progress=not args.quiet)
+    # --out may be a URL (s3://bucket/run): a local working copy mirrored there (pipeline.run.remote)
+    run_pipeline(cfg, location(args.out), force=args.force, stages=args.stages, progress=not args.quiet)
     return 0
 
 

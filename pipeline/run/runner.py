@@ -12,6 +12,7 @@ import functools
 import json
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import RunConfig
 from pipeline.data.cube import open_cube, write_cube
 from pipeline.data.ingest import build_cube, provenance
@@ -23,6 +24,7 @@ from pipeline.evaluation.plotting import plot_bands
 from pipeline.io import atomic_path, atomic_write_text, remove_path
 from pipeline.models import train as training
 from pipeline.run.cluster import make_cluster, run_training_on_cluster
+from pipeline.run.remote import run_mirrored
 from pipeline.scoring.score import open_scores, score_to_disk
 from pipeline.stages import StageInterrupted, digest, read_manifest, run_stage, stage_key
 
@@ -196,6 +198,9 @@ def run_pipeline(
     log=print,
 ) -> dict:
     """Run the stages of ``cfg`` into ``out``; returns a dict of the outputs written."""
+    if storage.is_url(out):  # object storage: a local working copy mirrored to the URL (pipeline.run.remote)
+        again = lambda local: run_pipeline(cfg, local, force=force, stages=stages, progress=progress, log=log)
+        return run_mirrored(str(out), again, log=log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     avail = available_stages()
