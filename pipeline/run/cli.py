@@ -70,8 +70,19 @@ def cmd_demo(args) -> int:
     if args.epochs is not None:
         cfg = cfg.with_updates(train={"epochs": args.epochs})
     cfg = _with_cluster(cfg, args)
-    run_pipeline(cfg, out, force=args.force, stages=args.stages, progress=not args.quiet)
+    _timed(out, lambda: run_pipeline(cfg, out, force=args.force, stages=args.stages, progress=not args.quiet))
     return 0
+
+
+def _timed(out, run) -> None:
+    """``run()``, then the stage timings of what it built (pipeline.run.progress)."""
+    import time
+
+    from pipeline.run.progress import read_manifest_at, stage_timings, timings_table
+
+    before, t0 = read_manifest_at(out), time.perf_counter()
+    run()
+    print(timings_table(stage_timings(before, read_manifest_at(out)), time.perf_counter() - t0))
 
 
 def cmd_run(args) -> int:
@@ -80,7 +91,8 @@ def cmd_run(args) -> int:
 
     cfg = _with_cluster(_load(args.config), args)
     # --out may be a URL (s3://bucket/run): a local working copy mirrored there (pipeline.run.remote)
-    run_pipeline(cfg, location(args.out), force=args.force, stages=args.stages, progress=not args.quiet)
+    out = location(args.out)
+    _timed(out, lambda: run_pipeline(cfg, out, force=args.force, stages=args.stages, progress=not args.quiet))
     return 0
 
 

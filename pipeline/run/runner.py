@@ -24,6 +24,7 @@ from pipeline.evaluation.plotting import plot_bands
 from pipeline.io import atomic_path, atomic_write_text, remove_path
 from pipeline.models import train as training
 from pipeline.run.cluster import make_cluster, run_training_on_cluster
+from pipeline.run.progress import TrainProgress
 from pipeline.run.remote import run_mirrored
 from pipeline.scoring.score import open_scores, score_to_disk
 from pipeline.stages import StageInterrupted, digest, read_manifest, run_stage, stage_key
@@ -98,7 +99,11 @@ def train_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, cl
             log(f"[train] starting afresh: {ckpt.name} belongs to another run")
             ckpt.unlink()
         atomic_write_text(tag, want)
-        train(out / "cube.zarr", cfg, out, client=_client(client))
+        shown = TrainProgress(log)  # steps, loss, windows/s and ETA where a person sees them
+        try:
+            train(out / "cube.zarr", cfg, out, client=_client(client), progress=shown)
+        finally:
+            shown.close()
 
     run_stage("train", cfg, out, [model], ("model", "train"), go, force=force, log=log, upstream=("cube",))
     return {"model": model}
