@@ -7,9 +7,12 @@ from pipeline.models.vit import (
     autocast_context,
     complementary_masks,
     group_indices,
+    group_masked_mse,
+    hiding_units,
     masked_mse,
     patchify,
     random_token_mask,
+    sample_hide,
     unpatchify,
 )
 
@@ -18,6 +21,9 @@ __all__ = [
     "build_model",
     "complementary_masks",
     "group_indices",
+    "group_masked_mse",
+    "hiding_units",
+    "sample_hide",
     "masked_mse",
     "random_token_mask",
     "autocast_context",
@@ -40,5 +46,6 @@ def build_model(cfg, groups: dict[str, list[int]]) -> FusionViTAE:
         decoder_dim=cfg.decoder_dim,
         decoder_depth=cfg.decoder_depth,
         mask_ratio=cfg.mask_ratio,
+        cross_ratio=cfg.cross_ratio,
         fusion=cfg.fusion,
     )

@@ -33,10 +33,11 @@ from pipeline.config import RunConfig
 from pipeline.data.cube import open_cube
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.io import atomic_write_json, clear_stale
-from pipeline.models import autocast_context, build_model, group_indices, masked_mse, random_token_mask
+from pipeline.models import autocast_context, build_model, group_indices, group_masked_mse, sample_hide
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.device import worker_device
 from pipeline.models.patches import WindowFeed
+from pipeline.models.regime import augment, calibrate, split_cube, validation_batches, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ _RESUME_KEYS = (
     "ddp_workers",
 )
 
+
+MIN_IMPROVEMENT = 1e-3  # a held-out loss must fall by 0.1 % to count as better (early stopping, best weights)
 
 # runs training elsewhere (a Dask cluster): (cube, cfg, out, progress=, log_every=) -> one result dict per rank
 Launcher = Callable[..., list]
@@ -100,6 +103,60 @@ def _log_progress(event: dict) -> None:
     )
 
 
+def _fitting_batch(ds: xr.Dataset, mc, tc, world: int, ranks: list[int]) -> int:
+    """The local batch: ``batch_size / world``, shrunk (with a warning) when a rank has fewer windows."""
+    want = tc.batch_size // world
+    probe = WindowFeed(
+        ds,
+        window=mc.window,
+        stride=tc.train_stride,
+        batch_size=1,
+        min_valid_fraction=tc.min_valid_fraction,
+        seed=tc.seed,
+        rank=0,
+        world_size=world,
+    )
+    have = min(probe.windows_per_rank)
+    if have >= want:
+        return want
+    if have < 1:
+        raise ConfigError(
+            f"no training window of {mc.window} px with >= {tc.min_valid_fraction:.0%} valid pixels on a rank "
+            f"({probe.windows_per_rank} per rank). Fix: lower model.window, train.min_valid_fraction or "
+            "train.holdout_fraction, or use fewer ddp_workers"
+        )
+    shrunk = 1 << (have.bit_length() - 1)
+    log.warning("train.batch_size %d is more than the %d training windows per rank: using %d", want, have, shrunk)
+    return shrunk
+
+
+def _validation_windows(val_ds: xr.Dataset | None, mc, tc, device) -> list:
+    """Fixed held-out windows (fewer valid pixels allowed than in training: blocks are small)."""
+    if val_ds is None:
+        return []
+    kw = dict(
+        window=mc.window,
+        stride=max(1, mc.window // 2),
+        min_valid_fraction=min(tc.min_valid_fraction, 0.25),
+        seed=tc.seed,
+    )
+    try:
+        n = WindowFeed(val_ds, batch_size=1, **kw).n_windows
+        feed = WindowFeed(val_ds, batch_size=min(64, n), **kw)
+    except ConfigError:  # no held-out window: no validation loss (a small study area)
+        return []
+    return validation_batches(feed, tc.validation_windows, device)
+
+
+def _resumed_extra(ckpt_path: Path, key: str, default):
+    if not ckpt_path.exists():
+        return default
+    try:
+        return load_checkpoint(ckpt_path, map_location="cpu")[1].get("extra", {}).get(key, default)
+    except CheckpointError:
+        return default
+
+
 def run_training(
     cube: xr.Dataset | str | Path,
     cfg: RunConfig,
@@ -130,16 +187,21 @@ def run_training(
     device = resolve_device(tc.device, ranks[0])
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    block = tc.holdout_block or 2 * mc.window
+    train_ds, val_ds = split_cube(ds, block, tc.holdout_fraction, tc.seed)
+    local_batch = _fitting_batch(train_ds, mc, tc, world, ranks)
     feeds = [
         WindowFeed(
-            ds,
+            train_ds,
             window=mc.window,
             stride=tc.train_stride,
-            batch_size=tc.batch_size // world,
+            batch_size=local_batch,
             min_valid_fraction=tc.min_valid_fraction,
             seed=tc.seed,
             rank=r,
             world_size=world,
+            device=device,
+            random_offsets=tc.augment,  # windows at a new seeded offset each epoch, not one fixed grid
         )
         for r in ranks
     ]
@@ -147,6 +209,8 @@ def run_training(
     if tc.steps_per_epoch:
         spe = min(spe, tc.steps_per_epoch)
     total = tc.epochs * spe
+    # every rank holds the same validation windows, so early stopping decides alike on all ranks
+    val_batches = _validation_windows(val_ds, mc, tc, device)
 
     bands = [str(b) for b in ds["band"].values.tolist()]
     sources = [str(s) for s in ds["source"].values.tolist()]
@@ -163,6 +227,7 @@ def run_training(
     ckpt_path = out / "checkpoint.pt"
     config = cfg.model_dump(mode="json", exclude={"base_dir"})
     start, history = _resume(ckpt_path, model, opt, config, bands)
+    base = model  # the bare model (DDP wraps it below): helpers and the saved weights use it
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -178,19 +243,32 @@ def run_training(
         config=config,
     )
 
-    def save(path: Path, step: int, final: bool) -> None:
+    def save(path: Path, step: int, final: bool, calibration: dict | None = None) -> None:
         save_checkpoint(
             path,
-            model,
+            base,
             **meta,
             optimizer=None if final else opt,
             step=step,
             epoch=step // spe,
-            extra={"total_steps": total, "history": history, "complete": step >= total},
+            extra={
+                "total_steps": total,
+                "history": history,
+                "validation": val_history,
+                "complete": step >= total,
+                "calibration": calibration,
+                "best": best,
+            },
         )
 
+    # a resumed run continues the validation record; its best weights restart from the resumed ones
+    val_history = list(_resumed_extra(ckpt_path, "validation", [])) if start else []
+    best = dict(_resumed_extra(ckpt_path, "best", {}) or {}) if start else {}
+    best_state = {k: v.detach().clone() for k, v in base.state_dict().items()} if best else None
+    done = start
     model.train()
     iters, cur_epoch = None, -1
+    stopped = False
     t0, n0 = time.perf_counter(), start
     loss_sum, loss_n = torch.zeros((), device=device), 0
     n_tokens = (mc.window // mc.patch) ** 2
@@ -200,21 +278,22 @@ def run_training(
             iters = [f.batches(epoch, start=step, stop=spe) for f in feeds]
             cur_epoch = epoch
         batch = [next(it) for it in iters]
-        x = torch.cat([b[0] for b in batch]).to(device, non_blocking=True)
-        valid = torch.cat([b[1] for b in batch]).to(device, non_blocking=True)
-        masks = torch.cat(
-            [
-                random_token_mask(
-                    len(b[0]), n_tokens, mc.mask_ratio, generator=_mask_generator(tc.seed, epoch, step, r)
-                )
-                for r, b in zip(ranks, batch)
-            ]
-        ).to(device)
+        xs, vs, hides = [], [], []
+        for r, b in zip(ranks, batch):
+            gen = _mask_generator(tc.seed, epoch, step, r)
+            xb, vb = augment(b[0], b[1], gen, flips=tc.augment, nodata_fraction=tc.nodata_augment)
+            xs.append(xb)
+            vs.append(vb)
+            hides.append(sample_hide(len(xb), base.n_units, n_tokens, mc.mask_ratio, mc.cross_ratio, generator=gen))
+        x = torch.cat(xs).to(device, non_blocking=True)
+        valid = torch.cat(vs).to(device, non_blocking=True)
+        hide = torch.cat(hides).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(gstep, total, tc.lr)
         with autocast_context(device):
-            recon = step_model(x, masks)
-        loss = masked_mse(recon, x, valid, masks if mc.mask_ratio > 0 else None, mc.patch)
+            recon = step_model(x, valid=valid, hide=hide)
+        hidden = base.hidden_channels(hide) if (mc.mask_ratio > 0 or mc.cross_ratio > 0) else None
+        loss = group_masked_mse(recon, x, valid, hidden, base.group_matrix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,6 +316,7 @@ def run_training(
                 "loss": float(mean),
                 "windows_per_s": (done - n0) * tc.batch_size / max(elapsed, 1e-9),
                 "lr": opt.param_groups[0]["lr"],
+                "validation_loss": val_history[-1][1] if val_history else None,
             }
             history.append([done, event["loss"]])
             loss_sum.zero_()
@@ -244,15 +324,32 @@ def run_training(
             t0, n0 = time.perf_counter(), done
             if lead and report is not None:
                 report(event)
-        if lead and (done % tc.checkpoint_every == 0 or done == total):
+        if (done % spe == 0 or done == total) and val_batches:  # end of an epoch: validation, early stopping
+            err = validation_error(base, val_batches)
+            val_history.append([done, err])
+            if not best or err < best["loss"] * (1 - MIN_IMPROVEMENT):
+                best = {"loss": err, "step": done}
+                best_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            elif tc.patience and (done - best["step"]) >= tc.patience * spe:
+                stopped = True
+        if lead and (done % tc.checkpoint_every == 0 or done == total or stopped):
             save(ckpt_path, done, final=False)
+        if stopped:
+            break
+    if best_state is not None:
+        base.load_state_dict(best_state)
     if lead:
-        save(out / "model.pt", total, final=True)
+        cal_batches = val_batches or _validation_windows(train_ds, mc, tc, device)
+        cal = calibrate(base, cal_batches, seed=tc.seed)
+        save(out / "model.pt", total, final=True, calibration=cal.to_meta())
     return {
         "rank": ranks[0],
         "ranks": ranks,
-        "digest": weights_digest(model),
+        "digest": weights_digest(base),
         "steps": total,
+        "stopped_early_at": done if stopped else None,
+        "validation": val_history,
+        "best": best,
         "resumed_from": start,
         "history": history,
         "device": str(device),
@@ -313,6 +410,9 @@ def train(
         "steps": results[0]["steps"],
         "resumed_from": results[0]["resumed_from"],
         "history": results[0]["history"],
+        "validation": results[0].get("validation", []),
+        "best": results[0].get("best", {}),
+        "stopped_early_at": results[0].get("stopped_early_at"),
         "ddp_workers": cfg.train.ddp_workers,
         "dask": launcher is not None,
     }

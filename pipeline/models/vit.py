@@ -1,19 +1,27 @@
 """Multi-source fusion convolution + ViT masked autoencoder (Ning et al. 2025, DESIGN.md section 1).
 
-Shapes: N windows, C bands, H = W = window pixels, p = patch, L = (window // p) ** 2 tokens, D = dim.
+Shapes: N windows, C bands, H = W = window pixels, p = patch, L = (window // p) ** 2 tokens, D = dim,
+U hiding units (the source groups; the single bands when the cube has one source group).
 
 Data flow of :meth:`FusionViTAE.forward`::
 
-    x [N, C, H, W] --(hide masked tokens' pixels)--> per-group 3x3 conv stems --> 1x1 fusion conv [N, F, H, W]
-      --> patch embedding (kernel = stride = p) [N, L, D] + sin-cos positions
-      --> encoder over the *visible* tokens only (MAE style) [N, V, D]
-      --> decoder: visible tokens + a learned mask token at hidden positions [N, L, Dd]
-      --> linear head [N, L, p*p*C] --> unpatchify [N, C, H, W]
+    x [N, C, H, W], valid [N, H, W], hide [N, U, L]
+      --(zero the hidden units' pixels and invalid pixels; add the valid mask and one hidden-indicator
+         channel per unit)--> per-group 3x3 conv stems (+ one stem over the indicators) --> 1x1 fusion conv
+      --> patch embedding (kernel = stride = p) [N, L, D] + sin-cos positions --> encoder over all L tokens
+      --> light decoder [N, L, Dd] --> linear head in fp32 [N, L, p*p*C] --> unpatchify [N, C, H, W]
 
-Masking choice (documented for the scoring code): the encoder sees only the visible tokens, as in MAE, and the
-pixels of hidden tokens are also zeroed *before* the conv stems. Without that, the 3x3 stems would leak a hidden
-token's border pixels into its visible neighbours and the model could "predict" a token from its own content.
-So the reconstruction of a masked token depends only on its context (tested).
+Masking (cross-source and spatial): ``hide[n, u, l]`` hides unit ``u`` (a source group's bands) at token
+``l``. Hiding every unit of a token is spatial (MAE-style) masking: the token is predicted from its context
+only. Hiding one unit while the others stay visible asks the model to predict that source from the other
+sources at the same place and from the context, so that "geochemistry that geology and geophysics do not
+explain" becomes measurable. Hidden pixels are zeroed *before* the conv stems, so a hidden unit's values
+never reach the model (the stems see only visible neighbours); the indicator channels tell the model which
+zeros are hidden, and the valid channel which are nodata.
+
+The forward has no host synchronisation and fixed shapes (every token goes through the encoder), so it
+compiles with ``torch.compile`` without graph breaks; the head and the output are fp32 even under bf16
+autocast.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "FusionViTAE",
+    "hiding_units",
+    "sample_hide",
+    "group_masked_mse",
     "complementary_masks",
     "random_token_mask",
     "masked_mse",
@@ -94,6 +105,38 @@ def random_token_mask(
     return mask.to(device) if device is not None else mask
 
 
+def hiding_units(groups: dict[str, list[int]], sources_as_units: bool | None = None) -> list[list[int]]:
+    """The channel sets hidden together by cross-source masking: one per source group, or one per band when
+    the cube has a single source group (then each band is predicted from the others)."""
+    if sources_as_units is None:
+        sources_as_units = len(groups) > 1
+    if sources_as_units:
+        return [list(map(int, idx)) for idx in groups.values()]
+    return [[int(i)] for idx in groups.values() for i in idx]
+
+
+def sample_hide(
+    n: int,
+    n_units: int,
+    n_tokens: int,
+    mask_ratio: float,
+    cross_ratio: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """[N, U, L] bool training mask, True = hidden.
+
+    ``mask_ratio`` of the tokens (exactly, per window) hide every unit (spatial masking); each other
+    (unit, token) is hidden with probability ``cross_ratio`` (cross-source masking). The two together make
+    the model predict a source both from its context and from the other sources in place.
+    """
+    spatial = random_token_mask(n, n_tokens, mask_ratio, generator=generator) if mask_ratio > 0 else None
+    hide = torch.rand(n, n_units, n_tokens, generator=generator) < cross_ratio
+    if spatial is not None:
+        hide = hide | spatial[:, None, :]
+    return hide
+
+
 def complementary_masks(n_tokens: int, mask_ratio: float, *, seed: int = 0) -> Tensor:
     """[K, L] bool masks that partition the tokens: every token is hidden in exactly one of them.
 
@@ -132,6 +175,30 @@ def masked_mse(
     w = sel.to(torch.float32).unsqueeze(1)  # [N, 1, H, W]
     err = (recon.float() - target.float()).pow(2) * w
     per_window = err.sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * recon.shape[1]).clamp_min(1.0)
+    return per_window.mean()
+
+
+def group_masked_mse(
+    recon: Tensor, target: Tensor, valid: Tensor, hidden: Tensor | None, group_matrix: Tensor
+) -> Tensor:
+    """Squared error over valid (and, with ``hidden``, hidden) elements, each source group weighted equally.
+
+    recon, target: [N, C, H, W]; valid: [N, H, W] bool; hidden: [N, C, H, W] bool or None (all valid pixels);
+    group_matrix: [C, G] float one-hot (band -> group). Per window, each group's error is its mean over the
+    selected elements of its bands; the window's loss is the mean over the groups that have any (so 39
+    geochemistry bands do not outvote 3 geology bands), and windows are averaged with equal weight (the
+    global batch's loss is the mean of equal shards', as DDP needs). No host synchronisation.
+    """
+    sel = valid.to(torch.bool)[:, None]
+    if hidden is not None:
+        sel = sel & hidden.to(torch.bool)
+    w = sel.expand(recon.shape).to(torch.float32)
+    err = (recon.float() - target.float()).pow(2) * w
+    num = err.sum(dim=(2, 3)) @ group_matrix  # [N, G]
+    den = w.sum(dim=(2, 3)) @ group_matrix
+    present = (den > 0).to(torch.float32)
+    per_group = num / den.clamp_min(1.0)
+    per_window = (per_group * present).sum(dim=1) / present.sum(dim=1).clamp_min(1.0)
     return per_window.mean()
 
 
@@ -230,7 +297,11 @@ class FusionViTAE(nn.Module):
         stem_channels, fusion_channels, fusion: see :class:`FusionStem`.
         dim, depth, heads: encoder width, blocks, attention heads.
         decoder_dim, decoder_depth: the light decoder (decoder heads: the first of heads, 4, 2, 1 dividing it).
-        mask_ratio: fraction of tokens hidden when training draws its own mask (0 = plain autoencoder).
+        mask_ratio: fraction of tokens whose every unit is hidden when training draws its own mask
+            (0 = no spatial masking).
+        cross_ratio: probability that a (unit, token) is hidden when training draws its own mask
+            (cross-source masking; 0 = none).
+        units: the hiding units (channel index lists; default :func:`hiding_units`).
     """
 
     def __init__(
@@ -247,7 +318,9 @@ class FusionViTAE(nn.Module):
         decoder_dim: int = 128,
         decoder_depth: int = 2,
         mask_ratio: float = 0.5,
+        cross_ratio: float = 0.0,
         fusion: bool = True,
+        units: list[list[int]] | None = None,
     ):
         super().__init__()
         flat = sorted(i for idx in groups.values() for i in idx)
@@ -263,8 +336,24 @@ class FusionViTAE(nn.Module):
         self.grid = window // patch
         self.n_tokens = self.grid**2
         self.mask_ratio = float(mask_ratio)
+        self.cross_ratio = float(cross_ratio)
+        self.units = [list(map(int, u)) for u in (units or hiding_units(self.groups))]
+        if sorted(i for u in self.units for i in u) != flat:
+            raise ValueError(f"hiding units {self.units} must cover channel indices 0..C-1 exactly once")
+        self.n_units = len(self.units)
+        unit_of = torch.zeros(self.in_channels, dtype=torch.long)
+        for k, u in enumerate(self.units):
+            unit_of[u] = k
+        self.register_buffer("unit_of_channel", unit_of, persistent=False)
+        group_matrix = torch.zeros(self.in_channels, len(self.groups))
+        for k, idx in enumerate(self.groups.values()):
+            group_matrix[idx, k] = 1.0
+        self.register_buffer("group_matrix", group_matrix, persistent=False)
 
-        self.stem = FusionStem(self.groups, stem_channels, fusion_channels, fusion)
+        # the valid mask and one hidden-indicator per unit enter as one more input group with its own stem
+        n_aux = 1 + self.n_units
+        stem_groups = {**self.groups, "__mask__": list(range(self.in_channels, self.in_channels + n_aux))}
+        self.stem = FusionStem(stem_groups, stem_channels, fusion_channels, fusion)
         self.embed = nn.Conv2d(fusion_channels, dim, patch, stride=patch)
         self.register_buffer("pos", sincos_pos_embed(dim, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -272,7 +361,6 @@ class FusionViTAE(nn.Module):
 
         dec_heads = next(h for h in (heads, 4, 2, 1) if decoder_dim % h == 0)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("dec_pos", sincos_pos_embed(decoder_dim, self.grid)[None], persistent=False)
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, dec_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim)
@@ -280,7 +368,6 @@ class FusionViTAE(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -289,12 +376,26 @@ class FusionViTAE(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    def hidden_pixels(self, hide: Tensor) -> Tensor:
+        """[N, U, L] unit-token mask -> [N, U, H, W] bool pixel mask."""
+        n = hide.shape[0]
+        return token_mask_to_pixels(hide.reshape(n * self.n_units, self.n_tokens), self.patch).reshape(
+            n, self.n_units, self.window, self.window
+        )
+
+    def hidden_channels(self, hide: Tensor) -> Tensor:
+        """[N, U, L] unit-token mask -> [N, C, H, W] bool: True where a band's pixel is hidden."""
+        return self.hidden_pixels(hide).index_select(1, self.unit_of_channel)
+
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, *, valid: Tensor | None = None, hide: Tensor | None = None
+    ) -> Tensor:
         """Reconstruct every band of each window.
 
-        x: [N, C, H, W] normalised evidence, H == W == window. token_mask: [N, L] bool, True = hidden from the
-        encoder (its reconstruction comes from context only). If None: a random mask with ``mask_ratio`` in
-        training mode (torch RNG), no masking in eval mode. Returns [N, C, H, W] float32.
+        x: [N, C, H, W] normalised evidence, H == W == window. valid: [N, H, W] bool (default: all valid).
+        hide: [N, U, L] bool, True = unit hidden at that token; token_mask: [N, L] bool, shorthand for hiding
+        every unit of those tokens (spatial masking). With neither: a random mask (``mask_ratio``,
+        ``cross_ratio``) in training mode (torch RNG), nothing hidden in eval mode. Returns [N, C, H, W] fp32.
         """
         n, c, h, w = x.shape
         if h != self.window or w != self.window or c != self.in_channels:
@@ -302,39 +403,31 @@ class FusionViTAE(nn.Module):
                 f"expected windows [N, {self.in_channels}, {self.window}, {self.window}], got {list(x.shape)}; "
                 "cut windows of the model's size from a cube with the checkpoint's bands"
             )
-        if token_mask is None and self.training and self.mask_ratio > 0:
-            token_mask = random_token_mask(n, self.n_tokens, self.mask_ratio, device=x.device)
         if token_mask is not None:
             if token_mask.shape != (n, self.n_tokens):
                 raise ValueError(f"token_mask must be [N, L] = [{n}, {self.n_tokens}], got {list(token_mask.shape)}")
-            token_mask = token_mask.to(device=x.device, dtype=torch.bool)
-            if token_mask.all(dim=1).any():
-                raise ValueError("token_mask hides every token of some window; keep at least one visible token")
-            x = x.masked_fill(token_mask_to_pixels(token_mask, self.patch)[:, None], 0.0)
-
-        t = self.embed(self.stem(x)).flatten(2).transpose(1, 2) + self.pos  # [N, L, D]
-        if token_mask is None:
-            for blk in self.blocks:
-                t = blk(t)
-            full = self.decoder_embed(self.norm(t))  # [N, L, Dd]
+            hide = token_mask.to(device=x.device, dtype=torch.bool)[:, None, :].expand(n, self.n_units, -1)
+        elif hide is None and self.training and (self.mask_ratio > 0 or self.cross_ratio > 0):
+            hide = sample_hide(n, self.n_units, self.n_tokens, self.mask_ratio, self.cross_ratio).to(x.device)
+        if hide is not None and hide.shape != (n, self.n_units, self.n_tokens):
+            raise ValueError(f"hide must be [N, U, L] = [{n}, {self.n_units}, {self.n_tokens}], got {list(hide.shape)}")
+        v = torch.ones(n, h, w, dtype=torch.bool, device=x.device) if valid is None else valid.to(torch.bool)
+        keep = v[:, None].expand(n, c, h, w)
+        if hide is None:
+            indicators = torch.zeros(n, self.n_units, h, w, dtype=x.dtype, device=x.device)
         else:
-            # Visible tokens first (stable: keeps grid order), padded to the widest row.
-            order = token_mask.to(torch.int8).argsort(dim=1, stable=True)
-            n_vis = (~token_mask).sum(dim=1)
-            v = int(n_vis.max())
-            idx = order[:, :v]  # [N, V]
-            keep = torch.arange(v, device=x.device)[None] < n_vis[:, None]  # [N, V]
-            attn_mask = None if bool(keep.all()) else keep[:, None, None, :]
-            t = t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-            for blk in self.blocks:
-                t = blk(t, attn_mask)
-            enc = self.decoder_embed(self.norm(t))  # [N, V, Dd]
-            mask_tok = self.mask_token.to(enc.dtype).expand(n, self.n_tokens, -1)
-            # Padded slots point at hidden tokens: they receive the mask token.
-            enc = torch.where(keep[..., None], enc, mask_tok[:, :v])
-            full = mask_tok.scatter(1, idx[..., None].expand(-1, -1, enc.shape[-1]), enc)
-        full = full + self.dec_pos
+            hp = self.hidden_pixels(hide.to(device=x.device, dtype=torch.bool))
+            keep = keep & ~hp.index_select(1, self.unit_of_channel)
+            indicators = hp.to(x.dtype)
+        x_in = torch.cat([x * keep.to(x.dtype), v[:, None].to(x.dtype), indicators], dim=1)
+
+        t = self.embed(self.stem(x_in)).flatten(2).transpose(1, 2) + self.pos  # [N, L, D]
+        for blk in self.blocks:
+            t = blk(t)
+        full = self.decoder_embed(self.norm(t)) + self.dec_pos  # [N, L, Dd]
         for blk in self.decoder_blocks:
             full = blk(full)
-        pred = self.head(self.decoder_norm(full))  # [N, L, p*p*C]
-        return unpatchify(pred, self.patch, self.in_channels).float()
+        # the head in fp32 even under bf16 autocast: residuals are taken from this output
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            pred = self.head(self.decoder_norm(full).float())  # [N, L, p*p*C]
+        return unpatchify(pred, self.patch, self.in_channels)

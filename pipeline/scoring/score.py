@@ -24,9 +24,13 @@ floor (``h = f + (1 - f) hann``, ``f = 0.1``), so window centres dominate but ed
 image (covered only by window edges) still get a finite, well-defined value. The blended
 reconstruction is ``sum_k w_k recon_k / sum_k w_k`` over the windows covering the pixel.
 
-With ``model.mask_ratio > 0`` each window runs K complementary masked passes
-(``complementary_masks``): every token is masked in exactly one pass, and its reconstruction is taken
-from that pass, i.e. predicted from its context only.
+Hidden prediction (:mod:`pipeline.models.residuals`): each window runs K complementary partitions of its
+tokens, and in ``cross`` mode one pass per (partition, source): every band at every pixel is predicted with
+its source hidden there, from the other sources in place and from the context, so co-enrichment across
+sources that the context does not explain enters the score. Residuals are standardised per band and
+combined per source group by a Mahalanobis distance, with the label-free calibration the training fitted
+on held-out blocks; the groups are then weighted equally. Several token-grid phases (``score.shifts``) are
+averaged.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ import xarray as xr
 from pipeline.config import RunConfig, ScoreConfig
 from pipeline.data.cube import normalised, open_cube
 from pipeline.errors import CheckpointError, ConfigError, MPMError
-from pipeline.models import autocast_context, complementary_masks, group_indices
+from pipeline.models import autocast_context, group_indices
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.models.device import worker_device
+from pipeline.models.residuals import Calibration, predict_hidden, score_partitions, scoring_mode
 from pipeline.scoring.sinks import write_cog, write_zarr_resumable
 from pipeline.stages import output_complete
 
@@ -55,6 +60,7 @@ __all__ = [
     "blend_weight",
     "score_block",
     "score_cube",
+    "score_ensemble",
     "score_to_disk",
     "load_model_cached",
 ]
@@ -92,24 +98,6 @@ def _device(device) -> Any:
     return worker_device("auto" if device is None else str(device))
 
 
-def _token_pixel_masks(model, device) -> list[Any] | None:
-    """K complementary token masks as ([L] bool token mask, [w, w] float pixel mask), or None (no masking)."""
-    import torch
-
-    ratio = float(getattr(model, "mask_ratio", 0.0) or 0.0)
-    if ratio <= 0:
-        return None
-
-    masks = complementary_masks(model.n_tokens, ratio, seed=0)  # [K, L]
-    side = model.window // model.patch
-    out = []
-    for m in masks:
-        pix = m.reshape(side, side).to(torch.float32)
-        pix = pix.repeat_interleave(model.patch, 0).repeat_interleave(model.patch, 1)  # row-major tokens
-        out.append((m.to(device), pix.to(device)))
-    return out
-
-
 def score_block(
     array: np.ndarray,
     valid: np.ndarray,
@@ -122,22 +110,33 @@ def score_block(
     combine: dict[str, float] | None = None,
     origin: tuple[int, int] = (0, 0),
     full_shape: tuple[int, int] | None = None,
+    calibration: Calibration | None = None,
+    mode: str = "cross",
+    partitions: int = 4,
+    shifts: int = 2,
+    min_valid_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Dense sliding-window reconstruction error of one block (numpy in, numpy out).
+    """Dense sliding-window residuals of one block, standardised and combined (numpy in, numpy out).
 
     ``array`` [C, H, W] float32 is normalised evidence (invalid pixels 0), ``valid`` [H, W] bool.
-    ``model`` maps [N, C, w, w] -> [N, C, w, w] and has ``window``, ``patch``, ``n_tokens``,
-    ``mask_ratio``. ``groups`` maps group name -> channel indices.
+    ``model`` is a :class:`pipeline.models.vit.FusionViTAE`; every (band, pixel) is predicted with its source
+    hidden (``mode``, ``partitions``: :func:`pipeline.models.residuals.predict_hidden`; a model trained
+    without masking is scored by plain reconstruction). ``groups`` maps group name -> channel indices.
+
+    ``shifts``: token-grid phases averaged; phase ``s`` moves every window by ``s * patch // shifts`` pixels
+    and draws its own partitions, so no pixel's score depends on one partition or on its place in a token.
+    ``min_valid_fraction``: the training rule for windows; a pixel's prediction blends only the windows that
+    meet it, and falls back to all windows covering the pixel where none does (every valid pixel is scored).
 
     ``origin`` (global row, col of the block's first pixel) and ``full_shape`` (the global H, W) place
     the windows on the global grid so that a tiled computation equals a whole-array one; the defaults
     treat the block as the whole array. Blocks (arrays) smaller than the window are padded by
     reflection, padded pixels invalid.
 
-    Returns float32 arrays, NaN at invalid pixels:
-    ``contribution`` [C, H, W] squared error per band; ``anomaly_<group>`` [H, W] mean over the
-    group's bands; ``prospectivity`` [H, W] mean over all bands, or ``sum_g c_g anomaly_g / sum_g c_g``
-    with ``combine = {group: c_g}``.
+    Returns float32 arrays, NaN at invalid pixels: ``contribution`` [C, H, W] the squared standardised
+    residual per band; ``anomaly_<group>`` [H, W] the group's squared Mahalanobis distance over its median
+    (:class:`pipeline.models.residuals.Calibration`; identity when None); ``prospectivity`` [H, W] the mean of
+    the groups' anomalies (equal weights), or ``sum_g c_g anomaly_g / sum_g c_g`` with ``combine``.
     """
     import torch
 
@@ -153,15 +152,10 @@ def score_block(
             "Fix: score the cube the checkpoint was trained on (same bands, same order)"
         )
     weights = _combine_weights(groups, combine)
+    cal = calibration or Calibration.identity(groups)
     full_h, full_w = full_shape if full_shape is not None else (h, w_)
     oy, ox = origin
-
-    # Global windows inside this block, in block coordinates (see module docstring).
-    ys = window_starts(max(full_h, win), win, stride) - oy
-    xs = window_starts(max(full_w, win), win, stride) - ox
     hp, wp = max(h, win), max(w_, win)
-    ys = ys[(ys >= 0) & (ys + win <= hp)]
-    xs = xs[(xs >= 0) & (xs + win <= wp)]
     if (hp, wp) != (h, w_):  # only when the whole axis is shorter than a window
         pad = ((0, 0), (0, hp - h), (0, wp - w_))
         array = np.pad(array, pad, mode="reflect" if min(h, w_) > 1 else "symmetric")
@@ -170,73 +164,83 @@ def score_block(
     out = {f"anomaly_{g}": np.full((h, w_), np.nan, np.float32) for g in groups}
     contribution = np.full((c, h, w_), np.nan, np.float32)
     result = {"contribution": contribution, **out, "prospectivity": np.full((h, w_), np.nan, np.float32)}
-    if not valid.any() or ys.size == 0 or xs.size == 0:
+    if not valid.any():
         return result
 
-    # Skip windows without a valid pixel: they only touch pixels that are NaN anyway (exact).
-    sat = np.pad(valid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    counts = sat[yy + win, xx + win] - sat[yy, xx + win] - sat[yy + win, xx] + sat[yy, xx]
-    keep = counts > 0
-    wy, wx = yy[keep], xx[keep]
-
     dev = _device(device)
-    h1 = blend_weight(win)
-    # The windows lie on the grid ys x xs, so the weight sum is separable (skipped windows cover no
-    # valid pixel and do not change it where it matters).
-    ry = np.zeros(hp, np.float64)
-    rx = np.zeros(wp, np.float64)
-    for s in ys:
-        ry[s : s + win] += h1
-    for s in xs:
-        rx[s : s + win] += h1
-    wsum = np.outer(ry, rx)
-
     model = model.to(dev).eval()
-    masks = _token_pixel_masks(model, dev)
-
-    autocast = autocast_context(dev)  # bf16 on CUDA, no-op on CPU
+    scored_mode = scoring_mode(model, mode)
+    n_shifts = max(1, int(shifts)) if scored_mode is not None else 1
+    sat = np.pad(valid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    need = max(1, int(np.ceil(min_valid_fraction * win * win - 1e-9)))
+    h1 = blend_weight(win)
+    autocast = autocast_context(dev)  # bf16 on CUDA, no-op on CPU; the model's head is fp32 regardless
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(array)).to(dev)
-        x_flat = x.reshape(c, hp * wp)
-        canvas = torch.zeros(c, hp * wp, dtype=torch.float32, device=dev)
-        wt = torch.from_numpy(np.outer(h1, h1)).to(dev)
+        vt = torch.from_numpy(np.ascontiguousarray(valid)).to(dev)
+        x_flat, v_flat = x.reshape(c, hp * wp), vt.reshape(hp * wp)
+        # canvases: [0] windows meeting the valid rule, [1] all windows (the fallback)
+        canvas = torch.zeros(2, c, hp * wp, dtype=torch.float32, device=dev)
+        wsum = torch.zeros(2, hp * wp, dtype=torch.float32, device=dev)
+        wt = torch.from_numpy(np.outer(h1, h1).reshape(-1)).to(dev)
         ar = torch.arange(win, device=dev)
         offs = (ar[:, None] * wp + ar[None, :]).reshape(-1)  # [w*w]
-        base_all = torch.from_numpy(wy * wp + wx).to(dev)
-        for b0 in range(0, base_all.numel(), batch_size):
-            base = base_all[b0 : b0 + batch_size]
-            n = base.numel()
-            idx = (base[:, None] + offs[None, :]).reshape(-1)  # [N*w*w] flat pixel index
-            xw = x_flat[:, idx].reshape(c, n, win, win).transpose(0, 1).contiguous()  # [N, C, w, w]
-            with autocast:
-                if masks is None:
-                    recon = model(xw).float()
-                else:
-                    recon = torch.zeros_like(xw)
-                    for tok, pix in masks:
-                        part = model(xw, token_mask=tok.expand(n, -1)).float()
-                        recon += part * pix
-            contrib = (recon * wt).transpose(0, 1).reshape(c, -1)  # [C, N*w*w]
-            canvas.index_add_(1, idx, contrib)
-        recon_full = canvas.reshape(c, hp, wp).cpu().numpy()[:, :h, :w_]
+        for s in range(n_shifts):
+            shift = s * model.patch // n_shifts
+            ys, xs = _starts(full_h, win, stride, shift) - oy, _starts(full_w, win, stride, shift) - ox
+            ys = ys[(ys >= 0) & (ys + win <= hp)]
+            xs = xs[(xs >= 0) & (xs + win <= wp)]
+            if ys.size == 0 or xs.size == 0:
+                continue
+            yy, xx = np.meshgrid(ys, xs, indexing="ij")
+            counts = sat[yy + win, xx + win] - sat[yy, xx + win] - sat[yy + win, xx] + sat[yy, xx]
+            keep = counts > 0  # windows without a valid pixel only touch pixels that are NaN anyway (exact)
+            good_all = torch.from_numpy(counts[keep] >= need).to(dev)
+            base_all = torch.from_numpy(yy[keep] * wp + xx[keep]).to(dev)
+            parts = score_partitions(model.n_tokens, partitions, seed=s)
+            for b0 in range(0, base_all.numel(), batch_size):
+                base, good = base_all[b0 : b0 + batch_size], good_all[b0 : b0 + batch_size]
+                n = base.numel()
+                idx = (base[:, None] + offs[None, :]).reshape(-1)  # [N*w*w] flat pixel index
+                xw = x_flat[:, idx].reshape(c, n, win, win).transpose(0, 1).contiguous()  # [N, C, w, w]
+                vw = v_flat[idx].reshape(n, win, win)
+                with autocast:
+                    pred = predict_hidden(model, xw, vw, parts, mode=scored_mode, seed=s).float()
+                wgt = wt[None, :] * torch.stack([good.float(), torch.ones_like(good, dtype=torch.float32)])[:, :, None]
+                wgt = wgt.reshape(2, -1)  # [2, N*w*w]
+                contrib = pred.transpose(0, 1).reshape(c, -1)  # [C, N*w*w]
+                for tier in (0, 1):
+                    canvas[tier].index_add_(1, idx, contrib * wgt[tier][None])
+                    wsum[tier].index_add_(0, idx, wgt[tier])
+        use_good = wsum[0] > 0
+        blended = torch.where(
+            use_good[None], canvas[0] / wsum[0].clamp_min(1e-12), canvas[1] / wsum[1].clamp_min(1e-12)
+        )
+        blended = blended.reshape(c, hp, wp).cpu().numpy()[:, :h, :w_]
 
     v = valid[:h, :w_]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        blended = recon_full / wsum[None, :h, :w_].astype(np.float32)
-    err = (blended - array[:, :h, :w_]) ** 2
-    contribution[:, v] = err[:, v]
-    for g, idx_g in groups.items():
-        out[f"anomaly_{g}"][v] = err[idx_g][:, v].mean(axis=0)
+    z = cal.standardise((blended - array[:, :h, :w_])[:, v])  # [C, P]
+    contribution[:, v] = z**2
+    dists = cal.group_distances(z)
+    for g in groups:
+        out[f"anomaly_{g}"][v] = dists[g]
     if weights is None:
-        result["prospectivity"][v] = err[:, v].mean(axis=0)
-    else:
-        total = sum(weights.values())
-        acc = np.zeros(int(v.sum()), np.float64)
-        for g, cw in weights.items():
-            acc += cw * out[f"anomaly_{g}"][v]
-        result["prospectivity"][v] = (acc / total).astype(np.float32)
+        weights = {g: 1.0 for g in groups}
+    total = sum(weights.values())
+    acc = np.zeros(int(v.sum()), np.float64)
+    for g, cw in weights.items():
+        acc += cw * out[f"anomaly_{g}"][v]
+    result["prospectivity"][v] = (acc / total).astype(np.float32)
     return result
+
+
+def _starts(n: int, window: int, stride: int, shift: int) -> np.ndarray:
+    """Window starts of phase ``shift``: the global starts moved by ``shift`` (those that still fit)."""
+    starts = window_starts(max(n, window), window, stride)
+    if shift:
+        starts = starts + shift
+        starts = starts[starts + window <= max(n, window)]
+    return starts
 
 
 def _combine_weights(groups: dict[str, list[int]], combine: dict[str, float] | None) -> dict[str, float] | None:
@@ -307,13 +311,16 @@ def _score_chunk(
     chunks_x: tuple[int, ...],
     depth: tuple[int, int],
     device: str | None,
+    mode: str = "cross",
+    partitions: int = 4,
+    shifts: int = 1,
 ) -> np.ndarray:
     """map_overlap task: [C+1, h+halo, w+halo] (normalised bands + valid) -> [C+G+1, h, w] core."""
     iy, ix = block_info[0]["chunk-location"][1:]
     top = depth[0] if iy > 0 else 0
     left = depth[1] if ix > 0 else 0
     origin = (sum(chunks_y[:iy]) - top, sum(chunks_x[:ix]) - left)
-    model, _ = load_model_cached(checkpoint, device=device)
+    model, meta = load_model_cached(checkpoint, device=device)
     res = score_block(
         block[:-1],
         block[-1] > 0.5,
@@ -325,10 +332,23 @@ def _score_chunk(
         combine=combine,
         origin=origin,
         full_shape=(sum(chunks_y), sum(chunks_x)),
+        calibration=Calibration.from_meta((meta.get("extra") or {}).get("calibration"), groups),
+        mode=mode,
+        partitions=partitions,
+        shifts=shifts,
+        min_valid_fraction=_min_valid(meta),
     )
     core = (slice(top, top + chunks_y[iy]), slice(left, left + chunks_x[ix]))
     layers = [res["contribution"]] + [res[f"anomaly_{g}"][None] for g in groups] + [res["prospectivity"][None]]
     return np.concatenate(layers, axis=0)[(slice(None), *core)]
+
+
+def _min_valid(meta: dict) -> float:
+    """The training rule for windows (``train.min_valid_fraction``) recorded in the checkpoint."""
+    try:
+        return float(meta["config"]["train"]["min_valid_fraction"])
+    except (KeyError, TypeError):
+        return 0.0
 
 
 def score_cube(
@@ -416,6 +436,9 @@ def score_cube(
         chunks_y=tuple(stacked.chunks[1]),
         chunks_x=tuple(stacked.chunks[2]),
         depth=(depth[0], depth[1]),
+        mode=cfg.mode,
+        partitions=cfg.partitions,
+        shifts=cfg.shifts,
         device=device,
     )
     ctx = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
@@ -449,14 +472,17 @@ def score_cube(
             "checkpoint": ckpt,
             "window": win,
             "stride": cfg.stride,
-            "combine": str(cfg.combine) if cfg.combine else "mean of all bands",
-            "score": "squared reconstruction error, overlapping windows blended (Hann, floor 0.1)",
-            "masked_passes": int(float(getattr(model, "mask_ratio", 0.0) or 0.0) > 0),
+            "combine": str(cfg.combine) if cfg.combine else "source groups weighted equally",
+            "score": "standardised residuals of hidden predictions (overlapping windows blended, Hann floor 0.1); "
+            "per group: squared Mahalanobis distance / its median on held-out windows",
+            "mode": str(scoring_mode(model, cfg.mode)),
+            "partitions": cfg.partitions,
+            "shifts": cfg.shifts,
         },
     )
-    ds["prospectivity"].attrs = {"long_name": "prospectivity (reconstruction error)", "units": "1"}
+    ds["prospectivity"].attrs = {"long_name": "prospectivity (mean of the source groups' anomalies)", "units": "1"}
     for g in groups:
-        ds[f"anomaly_{g}"].attrs = {"long_name": f"{g} reconstruction error", "units": "1"}
+        ds[f"anomaly_{g}"].attrs = {"long_name": f"{g} residual anomaly (1 = typical)", "units": "1"}
     ds = ds.rio.write_crs(cube.rio.crs)
     for v in ds.data_vars:
         ds[v] = ds[v].rio.write_grid_mapping("spatial_ref")
@@ -466,9 +492,30 @@ def score_cube(
 # -- CLI entry -------------------------------------------------------------------------------------
 
 
+def score_ensemble(cube: xr.Dataset, checkpoints: list[str | Path], cfg: ScoreConfig, **kwargs) -> xr.Dataset:
+    """Lazy scores of a seed ensemble: every variable is the mean over the models of :func:`score_cube`, and
+    ``uncertainty`` (y, x) is the standard deviation of their prospectivity maps (sample std, NaN for one
+    model). Each model's scores are calibrated to a median of 1, so their mean is on the same scale."""
+    runs = [score_cube(cube, c, cfg, **kwargs) for c in checkpoints]
+    if len(runs) == 1:
+        ds = runs[0]
+        ds["uncertainty"] = xr.full_like(ds["prospectivity"], np.nan)
+    else:
+        stacked = xr.concat([r.drop_vars("valid") for r in runs], dim="seed", coords="minimal", compat="override")
+        ds = stacked.mean("seed", keep_attrs=True)
+        ds["uncertainty"] = stacked["prospectivity"].std("seed", ddof=1)
+        ds["valid"] = runs[0]["valid"]
+        ds.attrs = {**runs[0].attrs, "checkpoint": [str(c) for c in checkpoints], "ensemble": len(runs)}
+    ds["uncertainty"].attrs = {"long_name": "standard deviation of prospectivity over the seed ensemble", "units": "1"}
+    ds = ds.rio.write_crs(cube.rio.crs)
+    for v in ds.data_vars:
+        ds[v] = ds[v].rio.write_grid_mapping("spatial_ref")
+    return ds
+
+
 def score_to_disk(
     cube_path: str | Path,
-    checkpoint_path: str | Path,
+    checkpoint_path: str | Path | list,
     cfg: RunConfig,
     out_dir: str | Path,
     client=None,
@@ -477,18 +524,19 @@ def score_to_disk(
 ) -> dict[str, Path]:
     """Score a cube on disk and write ``prospectivity.zarr`` (resumable) and ``prospectivity.tif`` (COG).
 
+    ``checkpoint_path``: one model, or a list (a seed ensemble: :func:`score_ensemble`).
     ``client`` (a distributed Client) runs the computation when given; otherwise the default scheduler.
     A rerun after an interruption resumes the Zarr write. Returns
     ``{'prospectivity_zarr': Path, 'prospectivity_tif': Path}``.
     """
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cube = open_cube(cube_path)
     gpu = cfg.cluster.gpus_per_worker > 0
-    scores = score_cube(cube, checkpoint_path, cfg.score, model_cfg_window=cfg.model.window, gpu=gpu)
-    st = os.stat(checkpoint_path)
-    token = f"{Path(cube_path).resolve()}|{Path(checkpoint_path).resolve()}|{st.st_mtime_ns}|{st.st_size}|{cfg.score.model_dump_json()}"
+    ckpts = [Path(c) for c in (checkpoint_path if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path])]
+    scores = score_ensemble(cube, ckpts, cfg.score, model_cfg_window=cfg.model.window, gpu=gpu)
+    stamps = "|".join(f"{c.resolve()}|{os.stat(c).st_mtime_ns}|{os.stat(c).st_size}" for c in ckpts)
+    token = f"{Path(cube_path).resolve()}|{stamps}|{cfg.score.model_dump_json()}"
     zpath = write_zarr_resumable(
         scores, out_dir / "prospectivity.zarr", fingerprint=token, scheduler=client, regions_per_batch=regions_per_batch
     )

@@ -31,9 +31,9 @@ TINY = dict(
 ONE_TORCH_THREAD = True  # see conftest._one_torch_thread
 
 
-def tiny_model(mask_ratio: float = 0.5, seed: int = 0):
+def tiny_model(mask_ratio: float = 0.5, seed: int = 0, cross_ratio: float = 0.25):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(**TINY, mask_ratio=mask_ratio), GROUPS).eval()
+    return build_model(ModelConfig(**TINY, mask_ratio=mask_ratio, cross_ratio=cross_ratio), GROUPS).eval()
 
 
 def make_cube(tmp: Path, h: int = 45, w: int = 58, chunk: int = 16, seed: int = 0) -> Path:
@@ -132,8 +132,10 @@ def test_score_block_every_valid_pixel_and_only_those(mask_ratio):
         assert v.dtype == np.float32
         assert np.isfinite(v[..., valid]).all() and np.isnan(v[..., ~valid]).all()
     assert np.isfinite(out["prospectivity"][-1, 4:]).all() and np.isfinite(out["prospectivity"][4:, -1]).all()
-    np.testing.assert_allclose(out["prospectivity"][valid], out["contribution"][:, valid].mean(0), rtol=1e-6)
-    np.testing.assert_allclose(out["anomaly_geochemistry"][valid], out["contribution"][:2, valid].mean(0), rtol=1e-6)
+    # without a calibration: a group's anomaly is its bands' mean squared residual; the groups weigh equally
+    groups_mean = np.mean([out[f"anomaly_{g}"][valid] for g in GROUPS], axis=0)
+    np.testing.assert_allclose(out["prospectivity"][valid], groups_mean, rtol=1e-5)
+    np.testing.assert_allclose(out["anomaly_geochemistry"][valid], out["contribution"][:2, valid].mean(0), rtol=1e-5)
     assert (out["prospectivity"][valid] > 0).all()
 
 
@@ -165,8 +167,8 @@ def test_score_block_tiles_equal_the_whole_array():
 
 
 def test_masked_scoring_predicts_each_token_from_its_context():
-    """With complementary masks a token's reconstruction ignores its own pixels: changing them moves the
-    error exactly as (r - x)^2 with a fixed r. Without masking, r moves too."""
+    """Spatial scoring: a token's prediction ignores its own pixels, so changing them moves the error exactly
+    as (r - x)^2 with a fixed r. A model trained without masking is scored by plain reconstruction: r moves."""
     rng = np.random.default_rng(4)
     base = rng.standard_normal((4, 8, 8)).astype("float32")
     valid = np.ones((8, 8), bool)
@@ -174,14 +176,34 @@ def test_masked_scoring_predicts_each_token_from_its_context():
     def errs(model, value):
         x = base.copy()
         x[:, 4:8, 0:4] = value  # token (1, 0)
-        return score_block(x, valid, model, stride=8, groups=GROUPS)["contribution"][:, 5, 1]
+        return score_block(x, valid, model, stride=8, groups=GROUPS, mode="spatial")["contribution"][:, 5, 1]
 
-    for mask_ratio, independent in ((0.5, True), (0.0, False)):
-        model = tiny_model(mask_ratio)
+    for mask_ratio, cross, independent in ((0.5, 0.25, True), (0.5, 0.0, True), (0.0, 0.0, False)):
+        model = tiny_model(mask_ratio, cross_ratio=cross)
         a, b, c = 0.0, 1.0, 3.0
         ea, eb, ec = errs(model, a), errs(model, b), errs(model, c)
         r = ((ea - eb) / (b - a) + a + b) / 2  # the fixed reconstruction implied by two values
         assert np.allclose((r - c) ** 2, ec, atol=1e-4) is independent
+
+
+def test_cross_scoring_predicts_a_source_from_the_others_in_place():
+    """Cross-source scoring: a source's prediction at a token ignores that source's own pixels there, but
+    uses the other sources' pixels at the same token (which spatial scoring hides)."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((4, 8, 8)).astype("float32")
+    valid = np.ones((8, 8), bool)
+    model = tiny_model(0.0, cross_ratio=0.5)
+
+    def geochem_error(bands, value, mode="cross"):
+        x = base.copy()
+        x[bands, 4:8, 0:4] = value  # token (1, 0)
+        return score_block(x, valid, model, stride=8, groups=GROUPS, mode=mode)["contribution"][:2, 5, 1]
+
+    own = [geochem_error([0, 1], v) for v in (0.0, 1.0, 3.0)]
+    r = ((own[0] - own[1]) / 1.0 + 1.0) / 2
+    np.testing.assert_allclose((r - 3.0) ** 2, own[2], atol=1e-4)  # own values never reach the prediction
+    other = [geochem_error([2, 3], v) for v in (0.0, 3.0)]
+    assert not np.allclose(other[0], other[1], atol=1e-4)  # geophysics and geology at that place do
 
 
 def test_combine_weights_groups():
