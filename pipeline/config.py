@@ -382,7 +382,14 @@ class ModelConfig(_Frozen):
     heads: int = Field(3, ge=1)
     decoder_dim: int = Field(128, ge=8)
     decoder_depth: int = Field(2, ge=0)
-    mask_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    mask_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="Tokens whose every source is hidden in training.")
+    cross_ratio: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Chance that one source (group; band when there is one group) is hidden at a token in "
+        "training, the others visible: the model learns to predict each source from the others (0 = ablation).",
+    )
     fusion: bool = Field(True, description="False = ablation without the fusion layer.")
 
     @model_validator(mode="after")
@@ -411,11 +418,33 @@ class TrainConfig(_Frozen):
     ddp_workers: int = Field(1, ge=1, description="Data-parallel ranks (Dask workers) for training.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    holdout_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of spatial blocks held out for the validation loss (0 = none)."
+    )
+    holdout_block: int | None = Field(None, ge=4, description="Side of a held-out block in pixels (None = 2 windows).")
+    patience: int = Field(
+        3, ge=0, description="Epochs without a better validation loss before training stops (0 = never stop early)."
+    )
+    augment: bool = Field(True, description="Random flips and rot90 of training batches.")
+    nodata_augment: float = Field(0.25, ge=0, le=1, description="Share of training windows given a nodata hole.")
+    validation_windows: int = Field(512, ge=1, description="Held-out windows for the validation loss and calibration.")
+    seeds: int = Field(
+        1, ge=1, description="Seed ensemble size: the map is the mean over the models, 'uncertainty' their std."
+    )
 
 
 class ScoreConfig(_Frozen):
     stride: int = Field(16, ge=1)
     batch_size: int = Field(512, ge=1)
+    mode: Literal["cross", "spatial"] = Field(
+        "cross",
+        description="'cross': each source predicted with it hidden and the other sources visible; 'spatial': "
+        "every source of a token hidden (context only).",
+    )
+    partitions: int = Field(4, ge=1, description="Complementary token partitions per window (each token hidden once).")
+    shifts: int = Field(
+        2, ge=1, description="Token-grid phases averaged (0, patch/2, ...), each with its own random partitions."
+    )
     combine: dict[str, float] | None = Field(
         None, description="Weights of the per-group errors in prospectivity (None = all bands equally)."
     )

@@ -131,6 +131,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from pipeline.models.selection import tune
+    from pipeline.run.runner import build_cube_stage
+
+    cfg = _load(args.config)
+    out = Path(args.out)
+    cube = build_cube_stage(cfg, out, progress=not args.quiet)
+    record = tune(cube, cfg, out / "tune")
+    print(f"tune: {record['choice']} (held-out-block loss; evidence in {out / 'tune' / 'tune.json'})")
+    return 0
+
+
 def cmd_score(args) -> int:
     from pipeline.scoring.score import score_to_disk
 
@@ -204,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cube", required=True)
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser(
+        "tune", help="choose window, mask ratio and objective by held-out-block loss (never reads deposits)"
+    )
+    common(sp)
+    sp.set_defaults(func=cmd_tune)
 
     sp = sub.add_parser("score", help="score the cube: DIR/prospectivity.zarr and .tif")
     sp.add_argument("config")

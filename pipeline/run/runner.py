@@ -19,6 +19,7 @@ from pipeline.data.ingest import build_cube, provenance
 from pipeline.data.points import SCRATCH_PREFIX
 from pipeline.errors import ConfigError
 from pipeline.evaluation import compare, reliability, report
+from pipeline.evaluation.diagnostics import border_effect
 from pipeline.evaluation.evaluate import evaluate_scores, write_metrics
 from pipeline.evaluation.plotting import plot_bands
 from pipeline.io import atomic_path, atomic_write_text, remove_path
@@ -86,31 +87,48 @@ def _client(client):
     return client() if callable(client) else client
 
 
+def ensemble_paths(cfg: RunConfig, out: Path) -> list[Path]:
+    """The models of the seed ensemble (``train.seeds``): ``out/model.pt`` (seed ``train.seed``), then
+    ``out/ensemble/seed-<s>/model.pt`` for the following seeds."""
+    seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
+    return [out / "model.pt"] + [out / "ensemble" / f"seed-{s}" / "model.pt" for s in seeds[1:]]
+
+
 def train_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
-    """Stage: ``out/model.pt`` (resumes an interrupted run of itself from ``checkpoint.pt``)."""
-    model = out / "model.pt"
+    """Stage: ``out/model.pt`` and the rest of the seed ensemble (resumes an interrupted run of itself from
+    each model's ``checkpoint.pt``)."""
+    models = ensemble_paths(cfg, out)
 
     def go():
-        # checkpoint.pt resumes an interrupted run of this very stage only: not after --force, a changed
-        # config or a rebuilt cube (a finished checkpoint would otherwise be "resumed" with no training)
-        ckpt, tag = out / "checkpoint.pt", out / "checkpoint.for"
-        want = digest({"train": stage_key(cfg, ("model", "train")), "cube": read_manifest(out).get("cube", {})})
-        if ckpt.exists() and (force or not tag.exists() or tag.read_text().strip() != want):
-            log(f"[train] starting afresh: {ckpt.name} belongs to another run")
-            ckpt.unlink()
-        atomic_write_text(tag, want)
-        shown = TrainProgress(log)  # steps, loss, windows/s and ETA where a person sees them
-        try:
-            train(out / "cube.zarr", cfg, out, client=_client(client), progress=shown)
-        finally:
-            shown.close()
+        for k, model in enumerate(models):
+            run_dir = model.parent
+            run_cfg = cfg.with_updates(train={"seed": cfg.train.seed + k})
+            # checkpoint.pt resumes an interrupted run of this very stage only: not after --force, a changed
+            # config or a rebuilt cube (a finished checkpoint would otherwise be "resumed" with no training)
+            ckpt, tag = run_dir / "checkpoint.pt", run_dir / "checkpoint.for"
+            want = digest({"train": stage_key(run_cfg, ("model", "train")), "cube": read_manifest(out).get("cube", {})})
+            if ckpt.exists() and (force or not tag.exists() or tag.read_text().strip() != want):
+                log(f"[train] starting afresh: {ckpt.name} belongs to another run")
+                ckpt.unlink()
+            if model.exists() and tag.exists() and tag.read_text().strip() == want and k > 0:
+                continue  # an ensemble member finished before an interruption
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(tag, want)
+            if len(models) > 1:
+                log(f"[train] ensemble member {k + 1}/{len(models)} (seed {run_cfg.train.seed})")
+            shown = TrainProgress(log)  # steps, loss, windows/s and ETA where a person sees them
+            try:
+                train(out / "cube.zarr", run_cfg, run_dir, client=_client(client), progress=shown)
+            finally:
+                shown.close()
 
-    run_stage("train", cfg, out, [model], ("model", "train"), go, force=force, log=log, upstream=("cube",))
-    return {"model": model}
+    run_stage("train", cfg, out, models, ("model", "train"), go, force=force, log=log, upstream=("cube",))
+    return {"model": models[0]}
 
 
 def score_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, client=None) -> dict:
-    """Stage: ``out/prospectivity.zarr`` and the COG ``prospectivity.tif``."""
+    """Stage: ``out/prospectivity.zarr`` (with ``uncertainty`` over the seed ensemble) and the COG
+    ``prospectivity.tif``."""
     zpath, tif = out / "prospectivity.zarr", out / "prospectivity.tif"
     run_stage(
         "score",
@@ -118,7 +136,7 @@ def score_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print, cl
         out,
         [zpath, tif],
         ("score",),
-        lambda: score_to_disk(out / "cube.zarr", out / "model.pt", cfg, out, client=_client(client)),
+        lambda: score_to_disk(out / "cube.zarr", ensemble_paths(cfg, out), cfg, out, client=_client(client)),
         force=force,
         log=log,
         upstream=("cube", "train"),
@@ -136,6 +154,8 @@ def evaluate_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print,
         for name in scores.data_vars:
             if name.startswith("anomaly_"):
                 metrics[name] = evaluate_scores(cfg, scores[name])
+        # label-free: does the map light up at the study area's edge?
+        metrics["border_effect"] = border_effect(scores["prospectivity"].load(), cfg.model.window)
         write_metrics(metrics, path)
         m = metrics["prospectivity"]
         if "auc" in m:
