@@ -43,11 +43,16 @@ def remote_config(province, url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def remote_province(s3, province):
-    """The province's input files on S3, and a run config naming them by URL."""
+def uploaded_province(s3, province):
     url = f"s3://{new_bucket()}/province"
     upload_tree(province.config_path.parent, url)
-    return url, remote_config(province, url)
+    return url
+
+
+@pytest.fixture
+def remote_province(uploaded_province, province):
+    """The province's input files on S3, and a run config naming them by URL (a fresh dict per test)."""
+    return uploaded_province, remote_config(province, uploaded_province)
 
 
 # -- pipeline.storage --------------------------------------------------------------------------------
