@@ -16,7 +16,12 @@ ocsvm      one-class SVM (RBF), an alternative to lof (not in the default seven)
 dense_ae   per-pixel MLP autoencoder (torch): mean squared reconstruction error over bands
 conv_ae    fully convolutional autoencoder over windows (torch): dense per-pixel error map
 vae        per-pixel variational autoencoder (torch): negative ELBO (``score='recon'``: error only)
+rx_focal   rx on a focal stack: each band's mean and std over the ``window`` x ``window`` neighbourhood
+iforest_focal  isolation forest on the same focal stack
 =========  ======================================================================================
+
+The focal controls see each pixel's context at the ViT's window size but no learned model of it: if
+they match the ViT, the context (not the transformer) carries the signal.
 
 Memory: the cube is read in row blocks of ``block`` rows (full width, all bands), so a
 4096 x 4096 cube is scored without holding it whole; the training sample is gathered block by block
@@ -37,13 +42,26 @@ import xarray as xr
 from pipeline.data.cube import normalised
 from pipeline.errors import ConfigError, CubeError, require
 from pipeline.models.nets import CONV_AE_HALO, CONV_AE_MULTIPLE, ConvAE, PixelAE, PixelVAE
+from pipeline.scoring.enrichment import enrichment_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "DEFAULT_BASELINES", "list_baselines", "score_baseline", "train_sample"]
+__all__ = [
+    "BASELINES",
+    "DEFAULT_BASELINES",
+    "FOCAL_BASELINES",
+    "TORCH_BASELINES",
+    "list_baselines",
+    "score_baseline",
+    "train_sample",
+    "focal_stack",
+    "pca_enrichment",
+]
 
 # The seven comparison methods of the paper's protocol, in report order.
 DEFAULT_BASELINES = ("pca", "rx", "iforest", "lof", "dense_ae", "conv_ae", "vae")
+# Controls that say whether context matters: pixel detectors on a focal mean + std stack.
+FOCAL_BASELINES = ("rx_focal", "iforest_focal")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,6 +154,56 @@ def _fit_pca(x: np.ndarray, seed: int, variance: float = 0.9, n_components: int 
         return ((d - (d @ comps.T) @ comps) ** 2).sum(axis=1)
 
     return score, {"n_components": k, "explained_variance": float(full.explained_variance_ratio_[:k].sum())}
+
+
+def pca_enrichment(
+    cube: xr.Dataset,
+    bands: list[str],
+    *,
+    seed: int = 0,
+    max_train_pixels: int = 20000,
+    block: int = 512,
+    variance: float = 0.9,
+) -> xr.DataArray:
+    """Target-aware PCA: fitted on every band, scored by the enrichment of the ``bands`` (pathfinders).
+
+    A pixel's residual is its evidence minus the PCA reconstruction from the leading components of all
+    bands (what the other bands predict), divided by each band's residual std over the training sample;
+    the score is :func:`pipeline.scoring.enrichment.enrichment_score` of the pathfinder residuals, the
+    combination the ViT's target-aware map uses. [H, W] float32, NaN outside ``valid``.
+    """
+    from sklearn.decomposition import PCA
+
+    all_bands = [str(b) for b in cube["band"].values.tolist()]
+    missing = [b for b in bands if b not in all_bands]
+    if missing or not bands:
+        raise ConfigError(f"pca_enrichment: band(s) {missing or '(none)'} are not in the cube's bands {all_bands}")
+    t0 = time.perf_counter()
+    x = train_sample(cube, max_train_pixels, seed, block=block)
+    full = PCA(random_state=seed).fit(x)
+    k = max(1, min(int(np.searchsorted(np.cumsum(full.explained_variance_ratio_), variance) + 1), x.shape[1] - 1))
+    comps, mean = full.components_[:k], full.mean_
+
+    def residual(v):
+        d = v - mean
+        return d - (d @ comps.T) @ comps
+
+    spread = residual(x).std(axis=0)
+    spread[spread == 0] = 1.0
+
+    def score(v):
+        r = residual(v) / spread  # [M, C]
+        da = xr.DataArray(r.T[:, :, None], dims=("band", "y", "x"), coords={"band": all_bands})
+        return np.asarray(enrichment_score(da, list(bands)).values[:, 0], dtype="float32")
+
+    values = _score_pixels(cube, score, block)
+    info = {
+        "n_components": k,
+        "n_train": int(x.shape[0]),
+        "pathfinders": list(bands),
+        "fit_s": time.perf_counter() - t0,
+    }
+    return _as_map(cube, values, "pca_enrichment", {**info, "seed": seed})
 
 
 def _fit_rx(x: np.ndarray, seed: int, robust: bool = False):
@@ -264,7 +332,7 @@ def _fit_dense_ae(
         t = torch.from_numpy(np.ascontiguousarray(v, dtype="float32"))
         return ((model(t) - t) ** 2).mean(dim=1).numpy()
 
-    return score, {"steps": steps, "latent": latent, "final_loss": final}
+    return score, {"steps": steps, "batch_size": batch_size, "latent": latent, "final_loss": final}
 
 
 def _fit_vae(
@@ -306,7 +374,7 @@ def _fit_vae(
         err = 0.5 * ((recon - t) ** 2).sum(dim=1)
         return (err + beta * model.kl(mu, logvar) if score == "elbo" else err).numpy()
 
-    return score_fn, {"steps": steps, "latent": latent, "score": score, "final_loss": final}
+    return score_fn, {"steps": steps, "batch_size": batch_size, "latent": latent, "score": score, "final_loss": final}
 
 
 def _conv_ae_map(
@@ -396,7 +464,14 @@ def _conv_ae_map(
             err = ((model(t) - t) ** 2).mean(dim=1)[0].numpy()  # [hb', W']
             core = err[halo : halo + (b1 - b0), halo : halo + w]
             out[b0:b1] = np.where(valid[b0:b1], core, np.nan)
-    return out, {"window": window, "steps": steps, "n_windows": n_win, "final_loss": final, "halo": halo}
+    return out, {
+        "window": window,
+        "steps": steps,
+        "batch_size": batch_size,
+        "n_windows": n_win,
+        "final_loss": final,
+        "halo": halo,
+    }
 
 
 def _box_mean(a: np.ndarray, k: int) -> np.ndarray:
@@ -406,10 +481,80 @@ def _box_mean(a: np.ndarray, k: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
+# focal controls
+# ------------------------------------------------------------------------------------------------
+
+
+def focal_stack(z: np.ndarray, valid: np.ndarray, window: int) -> np.ndarray:
+    """Focal mean and std of every band over the ``window`` x ``window`` neighbourhood: [C, H, W] -> [2C, H, W].
+
+    Only valid pixels enter a neighbourhood (a valid-weighted box filter; zero padding outside the
+    array); ``z`` [C, H, W] float32, ``valid`` [H, W] bool. Pixels without a valid neighbour get 0.
+    """
+    from scipy.ndimage import uniform_filter
+
+    v = valid.astype("float64")
+    n = uniform_filter(v, window, mode="constant")
+    out = np.empty((2 * z.shape[0], *z.shape[1:]), dtype="float32")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for i, band in enumerate(z.astype("float64")):
+            bw = np.where(valid, band, 0.0)
+            mean = uniform_filter(bw, window, mode="constant") / n
+            sq = uniform_filter(bw * bw, window, mode="constant") / n
+            out[i] = np.nan_to_num(mean)
+            out[z.shape[0] + i] = np.nan_to_num(np.sqrt(np.clip(sq - mean * mean, 0, None)))
+    return out
+
+
+def _focal_baseline(name: str) -> Callable[..., xr.DataArray]:
+    pixel = name.removesuffix("_focal")
+    fitter = _PIXEL_FITTERS[pixel]
+
+    def run(cube: xr.Dataset, *, seed: int = 0, max_train_pixels: int = 20000, block: int = 512, window=32, **kw):
+        """Focal stack by row blocks with a halo of ``window`` rows, then the pixel method on it."""
+        k = int(window)
+        if k < 1:
+            raise ConfigError(f"{name}: window={window}; use the model window in pixels, e.g. 32")
+        t0 = time.perf_counter()
+        _check_options(name, fitter, kw)
+        valid = _valid_mask(cube)
+        h = valid.shape[0]
+        z = normalised(cube)
+        halo = k
+
+        def focal_rows(r0, r1):
+            t0_, t1_ = max(0, r0 - halo), min(h, r1 + halo)
+            f = focal_stack(np.asarray(z.isel(y=slice(t0_, t1_)).values), valid[t0_:t1_], k)
+            return f[:, r0 - t0_ : r1 - t0_]
+
+        flat_valid = np.flatnonzero(valid)
+        pick = np.sort(np.random.default_rng(seed).choice(flat_valid, min(max_train_pixels, flat_valid.size), False))
+        rows, cols = np.divmod(pick, valid.shape[1])
+        x = np.empty((pick.size, 2 * z.sizes["band"]), dtype="float32")
+        for r0, r1 in _row_blocks(h, block):
+            sel = (rows >= r0) & (rows < r1)
+            if sel.any():
+                x[sel] = focal_rows(r0, r1)[:, rows[sel] - r0, cols[sel]].T
+        fn, info = fitter(x, seed, **kw)
+        t1 = time.perf_counter()
+        out = np.full(valid.shape, np.nan, dtype="float32")
+        for r0, r1 in _row_blocks(h, block):
+            vb = valid[r0:r1]
+            if vb.any():
+                out[r0:r1][vb] = fn(focal_rows(r0, r1)[:, vb].T)
+        info = {**info, "window": k, "n_train": int(x.shape[0]), "fit_s": t1 - t0}
+        return _as_map(cube, out, name, {**info, "score_s": time.perf_counter() - t1, "seed": seed})
+
+    run.__name__ = f"score_{name}"
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
 # registry and the one interface
 # ------------------------------------------------------------------------------------------------
 
-_TORCH_BASELINES = ("dense_ae", "conv_ae", "vae")
+TORCH_BASELINES = ("dense_ae", "conv_ae", "vae")
+_TORCH_BASELINES = TORCH_BASELINES
 _PIXEL_FITTERS = {
     "pca": _fit_pca,
     "rx": _fit_rx,
@@ -466,12 +611,14 @@ def _conv_baseline(cube: xr.Dataset, *, seed: int = 0, max_train_pixels: int = 2
 BASELINES: dict[str, Callable[..., xr.DataArray]] = {
     **{n: _pixel_baseline(n) for n in ("pca", "rx", "iforest", "lof", "ocsvm", "dense_ae", "vae")},
     "conv_ae": _conv_baseline,
+    **{n: _focal_baseline(n) for n in FOCAL_BASELINES},
 }
 
 
-def list_baselines(include_alternatives: bool = False) -> list[str]:
-    """Names of the seven comparison methods (plus 'ocsvm' with ``include_alternatives``)."""
-    names = list(DEFAULT_BASELINES)
+def list_baselines(include_alternatives: bool = False, focal: bool = False) -> list[str]:
+    """Names of the seven comparison methods (plus the focal controls with ``focal``, and 'ocsvm' and
+    the focal controls with ``include_alternatives``)."""
+    names = list(DEFAULT_BASELINES) + (list(FOCAL_BASELINES) if focal else [])
     if include_alternatives:
         names += [n for n in BASELINES if n not in names]
     return names

@@ -47,7 +47,7 @@ from pipeline.evaluation.deposits import (
     map_values,
     rows_cols,
 )
-from pipeline.evaluation.paired import rigid_placements
+from pipeline.evaluation.paired import block_bootstrap_auc_diff, delong_maps, point_paired, rigid_placements
 from pipeline.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ __all__ = [
     "evaluate_map",
     "write_metrics",
     "evaluate_scores",
+    "paired_scores",
 ]
 
 
@@ -292,7 +293,8 @@ def random_placement_test(score: xr.DataArray, deposits, n: int = 999, seed: int
     distances between deposits, hence their clustering; ``"uniform"``: the same number of cells drawn
     independently (ignores clustering: anti-conservative, kept for comparison). Returns
     ``{"statistic", "null_mean", "null_std", "p_value", "null", ...}`` with
-    ``p = (1 + #{null >= observed}) / (n + 1)``.
+    ``p = (1 + #{null >= observed}) / (n + 1)``. When fewer than ``n`` rigid placements fit the valid
+    area, the uniform null is used and ``null`` says ``"uniform (fallback)"``.
     """
     if null not in ("rigid", "uniform"):
         raise EvaluationError(f"random placement: null={null!r} is unknown. Fix: use 'rigid' or 'uniform'")
@@ -311,7 +313,11 @@ def random_placement_test(score: xr.DataArray, deposits, n: int = 999, seed: int
         for i in range(n):
             null_stats[i] = pct(allv[rng.choice(total, size=pos.size, replace=False)]).mean()
     else:
-        placements, extra = rigid_placements(score, sp.xy, n, seed=seed)
+        try:
+            placements, extra = rigid_placements(score, sp.xy, n, seed=seed)
+        except EvaluationError as exc:  # a set spread over most of a small, irregular area
+            log.warning("random placement: %s; falling back to the uniform null", exc)
+            return {**random_placement_test(score, deposits, n, seed, "uniform"), "null": "uniform (fallback)"}
         w = sp.values.shape[1]
         for i, xy in enumerate(placements):
             r, c = rows_cols(score, xy)
@@ -462,8 +468,10 @@ def _evaluate_map(score, deposits, cfg, n_permutations, window) -> dict:
                 b_mean, b_std = roc_auc_buffered(score, deposits, buffer, repeats=cfg.repeats, seed=cfg.seed)
                 break
             except EvaluationError:
-                if buffer <= floor:
-                    raise
+                if buffer <= floor:  # every valid cell touches a deposit: no far negatives to draw
+                    log.warning("buffered AUC: every valid cell lies within %g of a deposit; not computed", buffer)
+                    b_mean = b_std = float("nan")
+                    break
                 log.warning("buffered AUC: no valid cell lies %g from every deposit; halving the buffer", buffer)
                 buffer = max(floor, buffer / 2)
     else:
@@ -581,3 +589,46 @@ def evaluate_scores(cfg: RunConfig, score) -> dict:
     metrics = evaluate_map(score, deposits, cfg.evaluate, window=cfg.model.window)
     metrics["protocol"] = "raster"
     return metrics
+
+
+def paired_scores(cfg: RunConfig, score, reference, *, n_boot: int = 1000) -> dict:
+    """Paired comparison of ``score`` against ``reference`` (same grid) with the config's protocol.
+
+    Same cells (raster) or samples (points) for both maps: ``d_auc`` = AUC(score) - AUC(reference),
+    DeLong's ``se`` and ``p_delong``, and a spatial block bootstrap CI ``ci_low``/``ci_high`` with its
+    ``p_boot`` (blocks of ``evaluate.block`` cells, default the model window). Deposits only evaluate.
+    """
+    if cfg.deposits is None:
+        return {}
+    score, reference = score.load(), reference.load()
+    deposits, samples = _evaluation_inputs(cfg, score.rio.crs)
+    block = int(cfg.evaluate.block or cfg.model.window)
+    if cfg.evaluate.protocol == "points":
+        import geopandas as gpd
+
+        pts = gpd.GeoDataFrame(geometry=gpd.points_from_xy(samples[:, 0], samples[:, 1]), crs=score.rio.crs)
+        dep = deposits.to_crs(score.rio.crs)
+        rx, ry = score.rio.resolution(recalc=True)
+        res = point_paired(
+            sample_map_at_points(score, pts),
+            sample_map_at_points(reference, pts),
+            samples,
+            np.column_stack([dep.geometry.x, dep.geometry.y]),
+            min_dist_km=cfg.evaluate.min_dist_km,
+            block=block * max(abs(rx), abs(ry)),
+            n_boot=n_boot,
+            seed=cfg.evaluate.seed,
+        )
+        boot = {"ci_low": res["ci_low"], "ci_high": res["ci_high"], "p_value": res["p_boot"]}
+    else:
+        res = delong_maps(score, reference, deposits)
+        boot = block_bootstrap_auc_diff(score, reference, deposits, block, n_boot=n_boot, seed=cfg.evaluate.seed)
+    return {
+        "d_auc": res["diff"],
+        "se_delong": res["se"],
+        "p_delong": res["p_value"],
+        "ci_low": boot["ci_low"],
+        "ci_high": boot["ci_high"],
+        "p_boot": boot["p_value"],
+        "block": block,
+    }

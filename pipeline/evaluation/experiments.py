@@ -28,6 +28,7 @@ from pipeline.scoring.score import score_cube
 
 __all__ = [
     "vit_run",
+    "vit_train_windows",
     "check_seeds",
     "cube_identity",
     "write_zarr_atomic",
@@ -128,29 +129,35 @@ def vit_run(
     client=None,
     launcher=None,
     log: Callable[[str], None] = print,
+    variable: str = "prospectivity",
 ) -> tuple[xr.DataArray, float, Path]:
     """Train the ViT of ``cfg`` (with ``train.seed = seed``) on a cube and score it; cached.
 
-    Returns ``(prospectivity [y, x] in memory with the cube's CRS, wall seconds of train + score,
-    run folder)``. The run folder ``runs_dir/vit-<key>`` holds ``model.pt``, ``prospectivity.zarr``
-    and ``run.json``; a call with the same settings and cube loads them instead of retraining, and an
-    interrupted run resumes from its ``checkpoint.pt``. Delete ``runs_dir`` to retrain from scratch.
-    ``client``: score on that Dask cluster; ``launcher``: train there (see :func:`pipeline.models.train.train`);
-    None = in this process.
+    Returns ``(variable [y, x] in memory with the cube's CRS, wall seconds of train + score, run
+    folder)``; ``variable`` is ``prospectivity`` or a target-aware map ``prospectivity_<commodity>``
+    when the scorer writes one (KeyError otherwise). The run folder ``runs_dir/vit-<key>`` holds
+    ``model.pt``, ``prospectivity.zarr`` (every ``prospectivity*`` map) and ``run.json`` (with
+    ``train_windows``: windows seen in training); a call with the same settings and cube loads them
+    instead of retraining, and an interrupted run resumes from its ``checkpoint.pt``. Delete
+    ``runs_dir`` to retrain from scratch. ``client``: score on that Dask cluster; ``launcher``: train
+    there (see :func:`pipeline.models.train.train`); None = in this process.
     """
 
     cube_path = Path(cube_path)
     if seed is not None:
         cfg = cfg.with_updates(train={"seed": int(seed)})
     data = cfg.model_dump(mode="json")
-    key = _hash(
-        {"model": data["model"], "train": data["train"], "score": data["score"], "cube": cube_identity(cube_path)}
-    )
-    run_dir = Path(runs_dir) / f"vit-{key}"
+    keyed = {"model": data["model"], "train": data["train"], "score": data["score"], "cube": cube_identity(cube_path)}
+    if data.get("target") is not None:  # the target changes the maps written; runs without one keep their key
+        keyed["target"] = data["target"]
+    run_dir = Path(runs_dir) / f"vit-{_hash(keyed)}"
     zpath, info_path = run_dir / "prospectivity.zarr", run_dir / "run.json"
     if info_path.exists() and zpath.exists():
         info = json.loads(info_path.read_text())
-        score = open_zarr_store(zpath)["prospectivity"].load()
+        store = open_zarr_store(zpath)
+        if variable not in store:
+            raise KeyError(f"{variable} is not among the ViT's maps {sorted(map(str, store.data_vars))}")
+        score = store[variable].load()
         return score.rio.write_crs(score.rio.crs), float(info["wall_s"]), run_dir
     # an interrupted run with this key resumes from its checkpoint.pt (same settings, same cube)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,11 +171,13 @@ def vit_run(
         model_cfg_window=cfg.model.window,
         gpu=client is not None and cfg.cluster.gpus_per_worker > 0,
     )
-    score = ds["prospectivity"].compute()
+    names = [str(v) for v in ds.data_vars if str(v).startswith("prospectivity")]
+    maps = {n: ds[n].compute() for n in names}
     wall = time.perf_counter() - t0
-    out = xr.Dataset({"prospectivity": score.drop_vars("spatial_ref", errors="ignore")})
+    out = xr.Dataset({n: v.drop_vars("spatial_ref", errors="ignore") for n, v in maps.items()})
     out = out.rio.write_crs(cube.rio.crs)
-    out["prospectivity"] = out["prospectivity"].rio.write_grid_mapping("spatial_ref")
+    for n in names:
+        out[n] = out[n].rio.write_grid_mapping("spatial_ref")
     write_zarr_atomic(out, zpath)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the optimizer state is not needed any more
     atomic_write_text(
@@ -181,12 +190,34 @@ def vit_run(
                 "model": data["model"],
                 "train": data["train"],
                 "score": data["score"],
+                "train_windows": _windows_seen(run_dir, cfg),
             },
             indent=1,
         ),
     )
     log(f"[vit] trained and scored in {wall:.1f} s -> {run_dir.name} (seed {cfg.train.seed})")
-    return score.rio.write_crs(cube.rio.crs), wall, run_dir
+    if variable not in maps:
+        raise KeyError(f"{variable} is not among the ViT's maps {names}")
+    return maps[variable].rio.write_crs(cube.rio.crs), wall, run_dir
+
+
+def _windows_seen(run_dir: Path, cfg: RunConfig) -> int | None:
+    """Training windows of a finished run: steps done (the last logged step; early stopping) x batch."""
+    try:
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    history = summary.get("history") or []
+    steps = int(history[-1][0]) if history else int(summary.get("steps") or 0)
+    return steps * int(cfg.train.batch_size) or None
+
+
+def vit_train_windows(run_dir: Path) -> int | None:
+    """``train_windows`` of a cached ViT run (:func:`vit_run`), None when unknown."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text()).get("train_windows")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _fmt(v, digits: int = 3) -> str:

@@ -25,6 +25,7 @@ __all__ = [
     "plot_map",
     "plot_roc",
     "plot_success_rate",
+    "plot_auc_differences",
     "plot_prediction_area",
     "plot_comparison_bars",
 ]
@@ -289,7 +290,7 @@ def plot_prediction_area(
 
 def plot_comparison_bars(
     table,
-    metrics: Sequence[str] = ("auc", "auc_buffered_mean", "success_rate_area"),
+    metrics: Sequence[str] = ("auc", "auc_buffered_mean"),
     *,
     highlight: str | None = None,
     title: str | None = "Comparison of methods",
@@ -333,4 +334,43 @@ def plot_comparison_bars(
         ax.invert_yaxis()
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_auc_differences(
+    table,
+    *,
+    reference: str = "vit",
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Forest plot of paired AUC differences (method - ``reference``) with their CIs.
+
+    ``table``: a DataFrame with columns ``method``, ``d_auc``, ``ci_low``, ``ci_high`` and optionally
+    ``p_delong`` (:func:`pipeline.evaluation.compare.compare_methods`'s table); rows without a difference
+    (the reference itself) are left out. A CI that crosses 0 (the dashed line) is no evidence of a
+    difference; filled markers: DeLong p < 0.05.
+    """
+    import pandas as pd
+
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
+    need = [c for c in ("method", "d_auc", "ci_low", "ci_high") if c not in df.columns]
+    if need:
+        raise ValueError(f"plot_auc_differences: the table has no column(s) {need}; use compare's comparison.csv")
+    df = df[pd.to_numeric(df["d_auc"], errors="coerce").notna()]
+    fig = new_figure(figsize or (6.4, 0.32 * max(len(df), 1) + 1.4))
+    ax = fig.subplots()
+    y = np.arange(len(df))
+    d = df["d_auc"].to_numpy(float)
+    lo, hi = df["ci_low"].to_numpy(float), df["ci_high"].to_numpy(float)
+    sig = df["p_delong"].to_numpy(float) < 0.05 if "p_delong" in df.columns else np.zeros(len(df), bool)
+    ax.hlines(y, lo, hi, color="tab:blue", lw=1.6)
+    ax.scatter(d[sig], y[sig], color="tab:blue", zorder=3, label="DeLong p < 0.05")
+    ax.scatter(d[~sig], y[~sig], facecolor="white", edgecolor="tab:blue", zorder=3, label="p >= 0.05")
+    ax.axvline(0.0, color="grey", ls="--", lw=1)
+    ax.set_yticks(y, [str(m) for m in df["method"]], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"AUC(method) - AUC({reference}), 95 % CI")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or f"Paired AUC differences against {reference}")
     return fig

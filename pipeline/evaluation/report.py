@@ -40,6 +40,7 @@ from pipeline.evaluation.plotting import (
     map_extent,
     map_origin,
     new_figure,
+    plot_auc_differences,
     plot_comparison_bars,
     plot_map,
     plot_prediction_area,
@@ -365,13 +366,17 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
     metrics = _read_json(out / "metrics.json") or {}
     groups = [str(v) for v in scores.data_vars if str(v).startswith("anomaly_")]
 
+    # the target-aware map leads when the config asks for it and the scorer wrote it
+    lead = "prospectivity"
+    if cfg.target is not None and cfg.target.lead == "target" and f"prospectivity_{cfg.target.commodity}" in scores:
+        lead = f"prospectivity_{cfg.target.commodity}"
+
     # -- headline
-    m = metrics.get("prospectivity", {})
+    m = metrics.get(lead, metrics.get("prospectivity", {}))
     kpis = []
     for label, key in (
         ("ROC AUC", "auc"),
         ("buffered AUC", "auc_buffered_mean"),
-        ("success-rate area", "success_rate_area"),
         ("normalised density", "normalised_density"),
     ):
         if m.get(key) is not None:
@@ -382,7 +387,21 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
     sections.append(f"<div class='kpi'>{''.join(kpis)}</div>")
 
     # -- maps
-    figs = [
+    figs = (
+        []
+        if lead == "prospectivity"
+        else [
+            _fig(
+                plot_map(
+                    scores[lead].load(), deposits, title=f"Target-aware map: {lead}", label="pathfinder enrichment"
+                ),
+                "target-aware map",
+                "Mean positive standardised residual of the target's pathfinders (pipeline.data.pathfinders): "
+                "enrichment, not any misfit. Triangles: known deposits (evaluation only).",
+            )
+        ]
+    )
+    figs += [
         _fig(
             plot_map(prosp, deposits, title="Prospectivity (reconstruction error)", label="reconstruction error"),
             "prospectivity map",
@@ -509,7 +528,6 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
                 "auc_std",
                 "auc_buffered_mean",
                 "auc_buffered_std",
-                "success_rate_area",
                 "pa_intersection.prediction_rate",
                 "pa_intersection.occupied_area",
                 "normalised_density",
@@ -527,18 +545,28 @@ def build_report(cfg: RunConfig, out: str | Path, *, targets=None, log: Callable
         import pandas as pd
 
         df = pd.read_csv(comp)
-        fig = plot_comparison_bars(
-            df.set_index("method"),
-            metrics=("auc_mean", "success_rate_area"),
-            highlight="vit",
-            title="Comparison of methods (mean over seeds)",
+        metric_cols = [c for c in ("auc_mean", "auc_buffered_mean") if c in df.columns]
+        figs = _fig(
+            plot_comparison_bars(
+                df.set_index("method"), metrics=metric_cols, highlight="vit", title="Comparison of methods"
+            ),
+            "comparison bars",
         )
+        if "d_auc" in df.columns and df["d_auc"].notna().any():
+            figs += _fig(
+                plot_auc_differences(df),
+                "paired AUC differences",
+                "Each method against the ViT on the same cells: AUC difference with its 95 % spatial block "
+                "bootstrap CI; a CI across 0 is no evidence of a difference. Filled: DeLong p < 0.05.",
+            )
         sections.append(
             "<h2>Comparison of methods</h2><p>Same cube, same deposits, same evaluation protocol "
-            "for every method; mean over seeds, auc_std = sample std over seeds.</p>"
+            "for every method; mean over seeds, auc_std = sample std over seeds; paired columns (d_auc, CI, "
+            "p-values) against the ViT of the first seed. The success-rate area equals the ROC AUC up to ties, "
+            "so it is not shown as separate evidence (its curve is above).</p>"
             + _table(df.to_dict("records"), list(df.columns), left=("method", "kind"))
             + "<div class='figs'>"
-            + _fig(fig, "comparison bars")
+            + figs
             + "</div>"
         )
 

@@ -37,13 +37,18 @@ FAST = {
     "conv_ae": {"steps": 60},
     "iforest": {"n_estimators": 50},
     "lof": {"n_neighbors": 50},
+    "iforest_focal": {"n_estimators": 50},
 }
 SEEDS = (0, 1)
 
 
 def tiny_config(config_path) -> RunConfig:
     return RunConfig.from_yaml(config_path).with_updates(
-        model=TINY_MODEL, train={"epochs": 1, "batch_size": 32}, score={"stride": 4}, cluster={"kind": "none"}
+        model=TINY_MODEL,
+        train={"epochs": 1, "batch_size": 32},
+        score={"stride": 4},
+        cluster={"kind": "none"},
+        target={"commodity": "Cr", "deposit_model": "chromite_ophiolite"},
     )
 
 
@@ -66,33 +71,77 @@ def test_comparison_table_has_every_method_and_baselines_beat_random(run):
     from pipeline.evaluation.baselines import list_baselines
 
     table = pd.read_csv(run["paths"]["comparison_csv"])
-    assert list(table.columns[:8]) == [
-        "method",
-        "auc_mean",
-        "auc_std",
-        "success_rate_area",
-        "pa_prediction_rate",
-        "normalised_density",
-        "wall_s",
-        "n_seeds",
+    assert list(table.columns) == C.TABLE_COLUMNS
+    expected = [
+        *list_baselines(focal=True),
+        "vit",
+        "vit_no_fusion",
+        "vit_geochem_only",
+        "vit_no_mask",
+        "random",
+        "pathfinders_Cr",
+        *[f"{m}_Cr" for m in list_baselines(focal=True)],
     ]
-    expected = [*list_baselines(), "vit", "vit_no_fusion", "vit_geochem_only", "vit_no_mask", "random"]
-    assert table["method"].tolist() == expected
+    # vit_Cr appears once the scorer writes prospectivity_Cr; until then it is skipped with a note
+    assert table["method"].tolist() in (expected, [*expected, "vit_Cr"])
     assert (table["n_seeds"] == len(SEEDS)).all()
     t = table.set_index("method")
-    for name in list_baselines():
-        assert t.loc[name, "auc_mean"] > 0.5, f"{name} does not beat random: {t.loc[name, 'auc_mean']:.3f}"
-    for name in C.VIT_VARIANTS:
-        assert t.loc[name, "auc_mean"] > 0.8, name
+    # Chance on this province: few deposit cells, so a random map's AUC spreads by sd = sqrt(1 / (12 P))
+    # (Mann-Whitney, P positives against many negatives): 0.14 for the 4 cells here. A method "beats
+    # chance" only above 0.5 + 1.645 sd (one-sided 5 %); the others are reported, not claimed.
+    from pipeline.data.cube import open_cube
+    from pipeline.evaluation.evaluate import evaluate_scores
+
+    random_map, _ = C.method_scores("random", run["cfg"], run["out"], 0)
+    n_pos = evaluate_scores(run["cfg"], random_map)["n_deposit_cells"]
+    sd = np.sqrt(1 / (12 * n_pos))
+    assert open_cube(run["out"] / "cube.zarr").sizes["x"] == 96 and n_pos >= 4
+    assert abs(t.loc["random", "auc_mean"] - 0.5) < 3 * sd / np.sqrt(len(SEEDS))
+    for name in ("pca", "rx", "iforest", "vae", *C.VIT_VARIANTS):  # measured 0.81-0.97 (seeds 0, 1)
+        assert t.loc[name, "auc_mean"] > 0.5 + 1.645 * sd, f"{name}: {t.loc[name, 'auc_mean']:.3f}"
+    for name in ("vit", "vit_no_fusion", "vit_no_mask"):
+        assert t.loc[name, "auc_mean"] > 0.85, name
+    # the Cr halo is the planted truth: its pathfinders' enrichment alone finds the deposits
+    assert t.loc["pathfinders_Cr", "auc_mean"] > 0.8
     assert (t["wall_s"] > 0).all()
-    assert t[["auc_mean", "success_rate_area", "pa_prediction_rate", "normalised_density"]].notna().all().all()
+    assert t[["auc_mean", "auc_buffered_mean", "pa_prediction_rate", "normalised_density"]].notna().all().all()
     # the std is over seeds: the torch methods differ between seeds
     assert t.loc["vae", "auc_std"] > 0 and t.loc["random", "auc_std"] > 0
     md = run["paths"]["comparison_md"].read_text()
     for name in expected:
         assert f"| {name} |" in md
+    assert "block bootstrap" in md and "DeLong" in md
     runs = pd.read_csv(run["out"] / "compare" / "runs.csv")
-    assert len(runs) == len(expected) * len(SEEDS)
+    assert len(runs) == len(table) * len(SEEDS)
+
+
+def test_paired_columns_against_the_vit(run):
+    t = pd.read_csv(run["paths"]["comparison_csv"]).set_index("method")
+    others = t.drop(index="vit")
+    assert t.loc["vit", C.PAIRED_COLUMNS].isna().all()
+    assert others[C.PAIRED_COLUMNS].notna().all().all()
+    # paired with the ViT of the same seed: d_auc is the difference of the two AUCs of seed 0
+    runs = pd.read_csv(run["out"] / "compare" / "runs.csv").set_index(["method", "seed"])
+    for m in ("rx", "random", "rx_focal"):
+        assert runs.loc[(m, 0), "d_auc"] == pytest.approx(runs.loc[(m, 0), "auc"] - runs.loc[("vit", 0), "auc"])
+        assert t.loc[m, "ci_low"] <= t.loc[m, "d_auc"] <= t.loc[m, "ci_high"]
+    # the random map is far below the ViT: the test must say so
+    assert t.loc["random", "ci_high"] < 0 and t.loc["random", "p_delong"] < 0.05
+    # the paired results are printed
+    assert any(line.startswith("Paired against the ViT") for line in run["log"])
+    assert any("random" in line and "p_DeLong" in line for line in run["log"])
+
+
+def test_deep_baselines_get_the_vits_budget(run, tmp_path):
+    t = pd.read_csv(run["paths"]["comparison_csv"]).set_index("method")
+    assert t.loc["vit", "train_examples"] > 0
+    # FAST gives explicit steps: they win over the budget, and the table states what each one saw
+    assert t.loc["dense_ae", "train_examples"] == FAST["dense_ae"]["steps"] * 256
+    assert t.loc["conv_ae", "train_examples"] == FAST["conv_ae"]["steps"] * 16
+    opts = C.deep_budget_options({"vae": {"steps": 7}, "rx": {"robust": True}}, examples=1000)
+    assert opts["dense_ae"]["steps"] == 4 and opts["conv_ae"]["steps"] == 63 and opts["vae"]["steps"] == 7
+    assert opts["rx"] == {"robust": True}
+    assert C.deep_budget_options(None, None) == {}
 
 
 def test_same_protocol_for_every_method(run):
@@ -163,7 +212,7 @@ def test_sensitivity_table(run):
     df = pd.read_csv(path)
     assert len(df) == 4
     assert set(zip(df["window"], df["mask_ratio"])) == {(8, 0.0), (8, 0.5), (16, 0.0), (16, 0.5)}
-    assert (df["auc"] > 0.5).all()
+    assert (df["auc"] > 0.8).all()  # every cell of the grid finds the planted deposits (chance: 0.5 +- 0.05)
     md = path.with_suffix(".md").read_text()
     assert "| window | mask 0 | mask 0.5 |" in md
     # (8, 0.5) is the run config itself, seed 0: the same run as the comparison's vit, seed 0

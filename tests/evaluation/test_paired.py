@@ -174,3 +174,35 @@ def test_rigid_null_is_more_conservative_for_clustered_deposits():
     assert rig["p_value"] > uni["p_value"]
     with pytest.raises(EvaluationError, match="Fix"):
         ev.random_placement_test(da, pts, n=9, null="bogus")
+
+
+def test_point_paired_on_samples():
+    """Point protocol: a score that falls with the distance to the deposits beats noise, paired."""
+    rng = np.random.default_rng(8)
+    sxy = rng.uniform(0, 40_000, (1500, 2))
+    dxy = rng.uniform(5_000, 35_000, (12, 2))
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(dxy).query(sxy)
+    good = -d / 1000 + rng.normal(size=len(sxy))
+    noise = rng.normal(size=len(sxy))
+    res = pr.point_paired(good, noise, sxy, dxy, min_dist_km=2, block=4000, n_boot=300, seed=0)
+    assert res["auc_a"] > 0.9 and abs(res["auc_b"] - 0.5) < 0.25
+    assert res["ci_low"] > 0 and res["p_value"] < 0.01 and res["n_blocks"] > 50
+    same = pr.point_paired(good, good, sxy, dxy, min_dist_km=2, block=4000, n_boot=50)
+    assert same["diff"] == 0 and same["ci_low"] == same["ci_high"] == 0
+    # unpaired inputs are refused
+    with pytest.raises(EvaluationError, match="Fix"):
+        pr.point_paired(good[:3], noise[:3], sxy[:3], dxy[:1], block=4000)
+
+
+def test_rigid_null_falls_back_to_uniform_when_the_set_does_not_fit():
+    vals = np.full((10, 10), np.nan)
+    vals[0, :] = np.arange(10)
+    vals[:, 0] = np.arange(10)  # an L-shaped valid area
+    da = _map(vals)
+    pts = _points(da, [0, 9], [9, 0])  # its two ends: no rotation + shift keeps both on the L
+    with pytest.raises(EvaluationError, match="rigid placements"):
+        pr.rigid_placements(da, np.column_stack([da["x"].values[[9, 0]], da["y"].values[[0, 9]]]), 20, max_tries=5)
+    res = ev.random_placement_test(da, pts, n=19, seed=0)
+    assert res["null"] == "uniform (fallback)" and 0 < res["p_value"] <= 1

@@ -127,13 +127,31 @@ def test_plot_comparison_bars(scored):
             "auc": [0.9, 0.7, 0.5],
             "auc_buffered_mean": [0.88, 0.69, 0.5],
             "auc_buffered_std": [0.02, 0.03, 0.05],
-            "success_rate_area": [0.85, 0.7, 0.5],
         },
         index=["vit", "pca", "rx"],
     )
     fig = plotting.plot_comparison_bars(table, highlight="vit")
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 2  # auc and the buffered auc: the success-rate area is the AUC again
     fig = plotting.plot_comparison_bars({"vit": {"auc": 0.9}, "rx": {"auc": 0.6}}, metrics=["auc", "nope"])
     assert len(fig.axes) == 1
     with pytest.raises(ValueError, match="none of the metrics"):
         plotting.plot_comparison_bars(table, metrics=["nope"])
+
+
+def test_plot_auc_differences():
+    table = pd.DataFrame(
+        {
+            "method": ["pca", "rx", "vit"],
+            "d_auc": [-0.2, 0.01, float("nan")],
+            "ci_low": [-0.3, -0.05, float("nan")],
+            "ci_high": [-0.1, 0.06, float("nan")],
+            "p_delong": [0.001, 0.7, float("nan")],
+        }
+    )
+    fig = plotting.plot_auc_differences(table)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["pca", "rx"]  # the reference has no row
+    filled, hollow = ax.collections[1], ax.collections[2]
+    assert filled.get_offsets().shape[0] == 1 and hollow.get_offsets().shape[0] == 1
+    with pytest.raises(ValueError, match="ci_low"):
+        plotting.plot_auc_differences(table.drop(columns="ci_low"))

@@ -134,7 +134,12 @@ def test_report_adds_uncertainty_and_comparison_when_present(run, tmp_path):
             "method": ["pca", "vit"],
             "auc_mean": [0.7, 0.9],
             "auc_std": [0.01, 0.02],
-            "success_rate_area": [0.7, 0.9],
+            "d_auc": [-0.2, float("nan")],
+            "ci_low": [-0.35, float("nan")],
+            "ci_high": [-0.05, float("nan")],
+            "p_delong": [0.01, float("nan")],
+            "p_boot": [0.02, float("nan")],
+            "auc_buffered_mean": [0.68, 0.88],
             "pa_prediction_rate": [0.6, 0.8],
             "normalised_density": [1.5, 4.0],
             "wall_s": [0.1, 2.0],
@@ -147,7 +152,9 @@ def test_report_adds_uncertainty_and_comparison_when_present(run, tmp_path):
     assert any("[report] done" in line for line in lines)
     text = (out / "report.html").read_text(encoding="utf-8")
     imgs = _images(text)
-    assert len(imgs) == 10 + 3  # uncertainty + mean map + comparison bars
+    assert len(imgs) == 10 + 4  # uncertainty + mean map + comparison bars + forest plot of paired differences
+    assert 'alt="paired AUC differences"' in text
+    assert "<div>success-rate area<b>" not in text  # no headline figure that repeats the AUC
     assert all(d.startswith(PNG_MAGIC) for d in imgs)
     assert 'alt="uncertainty map"' in text and "Reliability (repeated runs)" in text
     assert "Comparison of methods" in text and "<td class='l'>vit</td>" in text
