@@ -6,15 +6,26 @@ Relative paths resolve against the folder of the YAML file.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.storage import Location, is_url, redact
+from pipeline.untrusted import (  # noqa: F401  (QueryError, safe_query, yaml_error: used through this module too)
+    BAND_BAD_CHARS,
+    QUERY_FIX,
+    QueryError,
+    YAMLLimitError,
+    check_name,
+    finite,
+    load_yaml,
+    safe_query,
+    short_repr,
+    yaml_error,
+)
 
 SOURCES_HINT = "geochemistry, geophysics, geology (or any group name of your own)"
 KINDS = ("continuous", "categorical", "distance", "indicator", "points")
@@ -24,183 +35,9 @@ RESAMPLINGS = ("nearest", "bilinear", "cubic", "average", "mode", "min", "max", 
 _CHOICES = {"kind": KINDS, "transform": TRANSFORMS, "scaling": SCALINGS, "resampling": RESAMPLINGS}
 
 
-# ------------------------------------------------------------------------------------------------
-# query strings ('layers[].query', 'deposits.query')
-# ------------------------------------------------------------------------------------------------
-# pandas ``DataFrame.query`` (engine 'python' without numexpr) evaluates attribute access and calls, so a
-# query string could run code. Every query is checked against a whitelist of syntax first: comparisons of
-# columns with values, combined with and/or/not (and pandas' & | ~), arithmetic, lists of values.
-
-QUERY_FIX = (
-    "only comparisons of columns with values, combined with and/or/not, are allowed, e.g. "
-    "\"type == 'chromite' and Cr > 10\" or \"kind in ['a', 'b']\" (quote a column name with spaces in "
-    "backticks: `Au ppb` > 5)"
-)
-_QUERY_CMP = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
-_QUERY_UNARY = (ast.Not, ast.USub, ast.UAdd, ast.Invert)  # pandas reads ~ as not
-# arithmetic, and & | (pandas reads them as and / or)
-_QUERY_BINOP = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr)
-_QUERY_NODES = (
-    ast.Expression,
-    ast.Compare,
-    ast.BoolOp,
-    ast.And,
-    ast.Or,
-    ast.UnaryOp,
-    ast.BinOp,
-    ast.Name,
-    ast.Load,
-    ast.Constant,
-    ast.List,
-    ast.Tuple,
-    *_QUERY_CMP,
-    *_QUERY_UNARY,
-    *_QUERY_BINOP,
-)
-_QUERY_WHAT = {
-    ast.Attribute: "attribute access",
-    ast.Call: "a function call",
-    ast.Subscript: "indexing",
-    ast.Lambda: "a lambda",
-    ast.ListComp: "a comprehension",
-    ast.SetComp: "a comprehension",
-    ast.DictComp: "a comprehension",
-    ast.GeneratorExp: "a generator expression",
-    ast.NamedExpr: "an assignment (:=)",
-    ast.JoinedStr: "an f-string",
-    ast.FormattedValue: "an f-string",
-    ast.IfExp: "a conditional expression",
-    ast.Dict: "a dict",
-    ast.Set: "a set",
-    ast.Starred: "unpacking (*)",
-    ast.Slice: "a slice",
-    ast.Is: "'is'",
-    ast.IsNot: "'is not'",
-    ast.MatMult: "'@'",
-    ast.LShift: "'<<'",
-    ast.RShift: "'>>'",
-    ast.BitXor: "'^'",
-    ast.Await: "'await'",
-    ast.Yield: "'yield'",
-    ast.YieldFrom: "'yield'",
-}
-_QUERY_MAX_POWER = 1000  # a constant exponent beyond this (2 ** 10 ** 10) would hang the run
-
-
-class QueryError(ConfigError):
-    """A query string uses syntax outside the whitelist (``problem`` and ``fix`` for LayerError)."""
-
-    def __init__(self, query: str, what: str, syntax: bool = False):
-        self.problem = f"query {query!r} {what}" if syntax else f"query {query!r} uses {what}, which is not allowed"
-        self.fix = QUERY_FIX
-        super().__init__(f"{self.problem}. Fix: {self.fix}")
-
-
-def _query_source(query: str) -> str:
-    """``query`` with pandas' backtick-quoted column names replaced by placeholder identifiers.
-
-    Splits quotes and backticks exactly as pandas does (a quote opens a string that the same quote closes;
-    a backtick opens a name that the next single backtick closes, ```` `` ```` escapes one), so the parsed
-    text has the structure pandas evaluates. Backslashes, comments, line breaks and '@' are refused here:
-    they are where tokenizers disagree, or they reach outside the table (``@name`` reads a Python variable).
-    """
-    bad = next((c for c in query if c == "\\" or not (c.isprintable() or c == "\t")), None)
-    if bad is not None:  # also inside quotes: an escaped quote is where pandas' splitting and Python's differ
-        raise QueryError(query, "a backslash" if bad == "\\" else f"the control character {bad!r}")
-    out: list[str] = []
-    i, n, k = 0, len(query), 0
-    while i < n:
-        c = query[i]
-        if c in "'\"":
-            j = query.find(c, i + 1)
-            if j < 0:
-                raise QueryError(query, f"has an unclosed quote ({c}) at character {i + 1}", syntax=True)
-            out.append(query[i : j + 1])
-            i = j + 1
-            continue
-        if c == "`":
-            j = i + 1
-            while True:
-                j = query.find("`", j)
-                if j < 0:
-                    raise QueryError(query, f"has an unclosed backtick at character {i + 1}", syntax=True)
-                if query[j + 1 : j + 2] == "`":  # `` inside a quoted name is one backtick
-                    j += 2
-                    continue
-                break
-            out.append(f"_backtick_column_{k}")
-            k += 1
-            i = j + 1
-            continue
-        if c == "@":
-            raise QueryError(query, "a local variable reference ('@')")
-        if c == "#":
-            raise QueryError(query, "a comment ('#')")
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def _query_construct(node: ast.AST) -> str:
-    what = next((w for t, w in _QUERY_WHAT.items() if isinstance(node, t)), None) or f"the syntax {type(node).__name__}"
-    try:
-        text = ast.unparse(node)
-    except Exception:
-        return what
-    if isinstance(node, ast.Attribute):
-        text = f".{node.attr}"
-    elif isinstance(node, ast.Call):
-        func = ast.unparse(node.func)
-        text = f"{'...' if len(func) > 40 else ''}{func[-40:]}(...)"
-    return f"{what} ({text[:60]!r})" if text else what
-
-
-def safe_query(query: str) -> str:
-    """Return ``query`` if it only selects rows, else raise :class:`QueryError` (one line, with the fix).
-
-    Allowed: column names (bare or in backticks), constants (str, number, bool, None), lists/tuples of
-    them, comparisons (== != < <= > >= in, not in), and/or/not (& | ~), unary -/+, arithmetic
-    (+ - * / // % **). Refused: attribute access, calls, indexing, '@' references, lambdas, comprehensions,
-    ':=', f-strings, dunder names and anything else.
-    """
-    if not isinstance(query, str):
-        raise QueryError(str(query), f"is a {type(query).__name__}, not a string", syntax=True)
-    source = _query_source(query)
-    try:
-        tree = ast.parse(source.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        detail = getattr(exc, "msg", None) or type(exc).__name__
-        raise QueryError(query, f"is not a valid expression ({detail})", syntax=True) from None
-    for node in ast.walk(tree):
-        if not isinstance(node, _QUERY_NODES):
-            raise QueryError(query, _query_construct(node))
-        if isinstance(node, ast.Name) and node.id.startswith("__"):
-            raise QueryError(query, f"a name starting with '__' ({node.id!r}; such names reach Python internals)")
-        if isinstance(node, ast.Constant) and not (
-            node.value is None or isinstance(node.value, (str, bool, int, float))
-        ):
-            raise QueryError(query, f"the constant {node.value!r}")
-        if (
-            isinstance(node, ast.BinOp)
-            and not isinstance(node.op, (ast.BitAnd, ast.BitOr))
-            and any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in (node.left, node.right))
-        ):
-            raise QueryError(query, f"arithmetic on a string ({ast.unparse(node)[:60]!r})")
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            exp = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
-            big = (
-                isinstance(exp, ast.Constant)
-                and isinstance(exp.value, (int, float))
-                and abs(exp.value) > _QUERY_MAX_POWER
-            )
-            nested = any(isinstance(s, ast.BinOp) and isinstance(s.op, ast.Pow) for s in ast.walk(node.right))
-            if big or nested:
-                raise QueryError(query, f"a power with a huge exponent ({ast.unparse(node)[:60]!r})")
-    return query
-
-
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and inf are refused in every float field but the few that name sentinels (LayerConfig.nodata, missing)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class GridConfig(_Frozen):
@@ -227,6 +64,24 @@ class GridConfig(_Frozen):
         (), description="Study area from the footprint of these layers (valid where all of them have data)."
     )
     chunk: int = Field(512, ge=16, description="Chunk size of the cube in pixels (all bands in one chunk).")
+    max_pixels: int = Field(
+        2_000_000_000,
+        ge=1,
+        description="Refuse a grid of more pixels than this before any work (a typo in resolution or bounds).",
+    )
+    max_cube_gib: float = Field(
+        512.0, gt=0, description="Refuse a cube larger than this (GiB: pixels x bands x 4 bytes) before any work."
+    )
+
+    @field_validator("resolution", "bounds", mode="before")
+    @classmethod
+    def _finite(cls, v, info):
+        fix = (
+            "give the pixel size in CRS units, e.g. 100"
+            if info.field_name == "resolution"
+            else "write [xmin, ymin, xmax, ymax] as four finite numbers in the grid's CRS"
+        )
+        return v if v is None else finite(v, info.field_name, fix)
 
     @field_validator("resolution")
     @classmethod
@@ -278,7 +133,7 @@ class LayerConfig(_Frozen):
     scaling: str = "robust"
     # rasters
     band: int = Field(1, ge=1, description="1-based raster band.")
-    nodata: float | None = Field(None, description="Overrides the file's nodata value.")
+    nodata: float | None = Field(None, allow_inf_nan=True, description="Overrides the file's nodata value.")
     resampling: str | None = Field(None, description="Overrides the resampling chosen from the kind.")
     # vectors
     layer: str | None = Field(None, description="Layer inside a multi-layer vector file (GeoPackage).")
@@ -294,7 +149,9 @@ class LayerConfig(_Frozen):
     y: str | None = None
     crs: str | None = Field(None, description="CRS of the file when it has none (CSV points, bare rasters).")
     columns: tuple[str, ...] | None = None
-    missing: tuple[float, ...] = Field((-9999.0,), description="Sentinel values meaning missing.")
+    missing: tuple[Annotated[float, AllowInfNan(True)], ...] = Field(
+        (-9999.0,), description="Sentinel values meaning missing."
+    )
     below_detection: Literal["half", "nan", "value"] = Field(
         "half", description="Negative values in point samples mean '< |v|': replaced by |v|/2 ('half')."
     )
@@ -318,6 +175,11 @@ class LayerConfig(_Frozen):
     def _safe_query(cls, v):
         return None if v is None else safe_query(v)
 
+    @field_validator("name", "source")
+    @classmethod
+    def _safe_name(cls, v, info):
+        return check_name(v, f"{info.field_name}")
+
     @model_validator(mode="after")
     def _kind_needs(self):
         if self.kind == "points":
@@ -329,6 +191,14 @@ class LayerConfig(_Frozen):
         if self.kind == "categorical" and not self.classes:
             raise ValueError("kind 'categorical' needs 'classes'. Fix: list the class values (one band each)")
         names = self.band_names
+        bad = next((b for b in names if BAND_BAD_CHARS.search(b) or len(b) > 128), None)
+        if bad is not None:
+            what = "classes" if self.kind == "categorical" else "columns"
+            raise ValueError(
+                f"band name {short_repr(bad)} (from '{what}') holds '/', '$', a backtick or a control character, or "
+                f"is over 128 characters: not every output can carry it. Fix: rename that value in the file, or "
+                f"drop it from '{what}'"
+            )
         dupes = sorted({b for b in names if names.count(b) > 1})
         if dupes:
             what = "classes" if self.kind == "categorical" else "columns"
@@ -555,7 +425,7 @@ class RunConfig(_Frozen):
     @classmethod
     def from_dict(cls, data: dict, base_dir: Path | str = ".") -> RunConfig:
         if not isinstance(data, dict):
-            got = "an empty document" if data is None else f"a {type(data).__name__} ({str(data)[:60]!r})"
+            got = "an empty document" if data is None else f"a {type(data).__name__} ({short_repr(data, 60)})"
             raise ConfigError(
                 f"the run config must be a mapping of keys (name, grid, layers, ...), but it is {got}. "
                 "Fix: start from configs/*.yaml or the output of `mpm synth` (keys at the top level, no leading '-')"
@@ -569,10 +439,12 @@ class RunConfig(_Frozen):
     @classmethod
     def from_yaml(cls, path: Path | str) -> RunConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder. Fix: pass the path of a run-config YAML")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist. Fix: pass the path of a run-config YAML")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path)
         except yaml.YAMLError as exc:
             raise ConfigError(yaml_error(path, exc)) from None
         except UnicodeDecodeError as exc:
@@ -603,36 +475,6 @@ class RunConfig(_Frozen):
         return RunConfig.from_dict(data, base_dir=self.base_dir)
 
 
-def yaml_error(path: Path, exc: Exception) -> str:
-    """One line: where the YAML breaks (1-based line and column), what the parser expected, and the line."""
-    mark = getattr(exc, "problem_mark", None)
-    ctx_mark = getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    if context and ctx_mark is not None:
-        problem = f"{problem} ({context} opened at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
-    line = ""
-    culprit = ctx_mark if (context and ctx_mark is not None) else mark  # an unclosed bracket: where it opened
-    if culprit is not None:
-        try:
-            text = path.read_text().splitlines()[culprit.line].strip()
-            line = f"; line {culprit.line + 1} reads {text[:80]!r}" if text else ""
-        except (OSError, IndexError, UnicodeDecodeError):
-            pass
-    if "tag:yaml.org,2002:python/" in str(problem) or "!!python" in str(problem):
-        return (
-            f"config file {str(path)!r} holds a Python object tag{where}: {problem}{line}. "
-            "Fix: remove the !!python tag; configs are plain data, and tags that build Python objects are refused "
-            "because they could run code"
-        )
-    return (
-        f"config file {str(path)!r} is not valid YAML{where}: {problem}{line}. "
-        "Fix: correct the syntax there (an unclosed bracket or quote, a missing ': ', or a tab in the indentation "
-        "are the usual causes)"
-    )
-
-
 def _loc_str(loc: tuple, data: dict) -> str:
     parts: list[str] = []
     node: Any = data
@@ -640,11 +482,11 @@ def _loc_str(loc: tuple, data: dict) -> str:
         if isinstance(item, int):
             label = ""
             if isinstance(node, (list, tuple)) and item < len(node) and isinstance(node[item], dict):
-                label = f" (name: {node[item].get('name')!r})" if node[item].get("name") else ""
+                label = f" (name: {short_repr(node[item].get('name'), 60)})" if node[item].get("name") else ""
             parts[-1] = f"{parts[-1]}[{item}]{label}" if parts else f"[{item}]"
             node = node[item] if isinstance(node, (list, tuple)) and item < len(node) else None
         else:
-            parts.append(str(item))
+            parts.append(short_repr(item, 60).strip("'") if not isinstance(item, str) or len(item) > 60 else item)
             node = node.get(item) if isinstance(node, dict) else None
     return ".".join(parts)
 
@@ -678,19 +520,27 @@ def _close_key(key: str) -> str | None:
 
 def _format_validation_error(exc: ValidationError, data: dict) -> str:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
+        if err["type"] == "too_short" and any(
+            len(o["loc"]) > len(err["loc"]) and tuple(o["loc"][: len(err["loc"])]) == tuple(err["loc"]) for o in errors
+        ):
+            continue  # a list emptied by the failure of its items: the items' errors say it
         loc = _loc_str(tuple(err["loc"]), data)
         loc = f"{loc}: " if loc else ""
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "finite_number":
+            msg = "must be a finite number. Fix: give a number (not .nan or .inf)"
         if err["type"] == "extra_forbidden":
-            near = _close_key(str(err["loc"][-1]))
+            near = _close_key(str(err["loc"][-1])[:100])
             hint = f"did you mean {near!r}? Otherwise " if near else ""
             msg = f"unknown key. Fix: {hint}check its spelling against docs/config-reference.md"
         elif err["type"] == "missing":
             msg = "required key is missing. Fix: add it"
         value = err.get("input")
         value = redact(value) if isinstance(value, str) else value  # never a URL's user:secret@
-        shown = "" if err["type"] in ("missing",) or repr(value) in msg else f" (got {value!r})"
+        text = short_repr(value)
+        shown = "" if err["type"] in ("missing",) or text in msg else f" (got {text})"
         if isinstance(value, dict):
             shown = ""
         if ". Fix:" in msg:

@@ -33,6 +33,10 @@ class CheckpointError(MPMError, ValueError):
     """A model checkpoint is corrupt or does not match the cube."""
 
 
+class LockError(MPMError, RuntimeError):
+    """Another run holds the output folder's lock (the message names it: pid, host, command)."""
+
+
 class DependencyError(MPMError, ImportError):
     """An optional dependency is missing."""
 

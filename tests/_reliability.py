@@ -32,6 +32,8 @@ CATEGORIES = (
     "checkpoint",
     "fault",
     "interrupt",
+    "input edit",
+    "lock",
     "atomic write",
     "property",
     "security",

@@ -407,3 +407,115 @@ def test_forced_rerun_killed_in_score_is_not_taken_for_done(reference, tmp_path,
         "outputs equal an undisturbed run's",
         kept=f"stages.json: {done} done, score not; prospectivity.zarr marked incomplete",
     )
+
+
+# -- one run per output folder, and SIGTERM ----------------------------------------------------------------
+
+_HOLD = (
+    "import sys, time\n"
+    "from pipeline.io import output_lock\n"
+    "with output_lock(sys.argv[1]):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(float(sys.argv[2]))\n"
+)
+
+
+def _holder(out: Path, seconds: float = 120) -> subprocess.Popen:
+    """Another process holding ``out``'s lock (until it sleeps ``seconds`` or is killed)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.reliability("lock", "a command on a folder that another run holds, then that run killed (-9)")
+def test_locked_folder_fails_at_once_then_a_dead_holder_is_taken_over(tmp_path, capsys, reliability):
+    import socket
+
+    from pipeline.run.cli import main
+
+    config = write_config(tmp_path)
+    out = tmp_path / "out"
+    holder = _holder(out)
+    try:
+        t0 = time.perf_counter()
+        rc = main(["run", str(config), "--out", str(out), "--quiet"])
+        took = time.perf_counter() - t0
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error: output folder") and "\n" not in err, err
+        assert f"pid {holder.pid} on host {socket.gethostname()!r}" in err and "Fix" in err, err
+        assert took < 5, f"the refusal took {took:.1f} s"
+        assert sorted(p.name for p in out.iterdir()) == [".mpm.lock"], "the refused run wrote into the folder"
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot remove its lock file
+        holder.wait()
+    assert json.loads((out / ".mpm.lock").read_text())["pid"] == holder.pid
+    rc = main(["run", str(config), "--out", str(out), "--stages", "cube", "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    took_over = [line for line in cap.out.splitlines() if line.startswith("[lock] took over")]
+    assert len(took_over) == 1 and f"pid {holder.pid}" in took_over[0], cap.out
+    assert not (out / ".mpm.lock").exists(), "the lock file outlived the run"
+    reliability(
+        observed=f"{err}; after the holder was killed (-9), the next run: {took_over[0]}, and ran",
+        kept="nothing written by the refused run; the dead holder's lock file replaced, then removed at the end",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.reliability("lock", "two `mpm run` started at once on one folder")
+def test_two_runs_at_once_exactly_one_runs(reference, tmp_path, reliability):
+    config, ref = reference
+    out = tmp_path / "run"
+    a, b = Run(config, out), Run(config, out)
+    codes = {}
+    t0 = time.time()
+    while len(codes) < 2 and time.time() - t0 < RUN_TIMEOUT:  # the refused one ends first, at once
+        for r in (a, b):
+            if r not in codes and r.proc.poll() is not None:
+                codes[r] = (r.finish(), time.time() - t0)
+        time.sleep(0.05)
+    assert len(codes) == 2, a.log() + b.log()
+    assert sorted(c for c, _ in codes.values()) == [0, 2], a.log() + b.log()
+    winner, loser = (a, b) if codes[a][0] == 0 else (b, a)
+    lines = [line for line in loser.err if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: output folder"), loser.log()
+    assert f"pid {winner.proc.pid} " in lines[0], loser.log()
+    assert not any(line.startswith("[") for line in loser.out), loser.log()
+    assert codes[loser][1] < 20, f"the refused run took {codes[loser][1]:.1f} s to end"
+    assert check_consistent(out) == list(STAGES)
+    compare_outputs(ref, out)
+    reliability(
+        observed=f"one ran to the end; the other exited 2 after {codes[loser][1]:.0f} s having run no stage, "
+        f"one line: {lines[0]}",
+        kept="the outputs of the run that ran, equal to an undisturbed run's",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.reliability("interrupt", "SIGTERM during stage train (what a batch system sends)")
+def test_sigterm_is_handled_like_ctrl_c(reference, tmp_path, reliability):
+    config, ref = reference
+    out = tmp_path / "run"
+    r = Run(config, out)
+    r.wait_for(lambda: r.line("[train] running"), what="stage 'train' to start")
+    r.wait_for(lambda: (out / "checkpoint.pt").exists(), what="the first checkpoint")
+    os.kill(r.proc.pid, signal.SIGTERM)  # the CLI alone, as `kill PID` or a scheduler's stop
+    assert r.finish(timeout=120) == 143, r.log()
+    said = [line for line in r.err if line.startswith("terminated")]
+    assert said == [
+        "terminated (SIGTERM) during stage 'train': finished stages and outputs are kept; "
+        "rerun the same command to resume"
+    ], r.log()
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in r.err), r.log()
+    assert r.group_gone(), "a Dask worker process outlived the terminated `mpm run`"
+    done = check_consistent(out)
+    assert done == ["cube"], done
+    assert not (out / ".mpm.lock").exists(), "SIGTERM left the lock file"
+    skipped, ran = check_rerun(ref, config, out, "train")
+    reliability(
+        observed=f"exit 143, one line: {said[0]}; the rerun skipped {skipped}, ran {ran}; every output equals an "
+        "undisturbed run's",
+        kept=f"stages.json: {done} done; checkpoint.pt; no lock file",
+    )

@@ -360,14 +360,15 @@ def test_checkpoint_with_code_is_refused(tmp_path, where, reliability):
 def test_yaml_safe_loaders_only(reliability):
     found = [(f, d, line) for (f, rule, d), line in scan_package().items() if rule == "unsafe yaml"]
     texts = {p: p.read_text() for p in PY_FILES}
-    users = sorted(_rel(p) for p, t in texts.items() if re.search(r"\byaml\.(safe_load|safe_load_all)\(", t))
+    safe = r"\byaml\.(safe_load|safe_load_all)\(|class \w+\(yaml\.SafeLoader\)"
+    users = sorted(_rel(p) for p, t in texts.items() if re.search(safe, t))
     reliability(
         observed=f"no yaml.load/unsafe_load/full_load or Loader/FullLoader/UnsafeLoader in pipeline/; "
-        f"YAML read with yaml.safe_load in {', '.join(users)}",
+        f"YAML read with yaml.safe_load or a yaml.SafeLoader subclass in {', '.join(users)}",
         kept="n/a (static)",
     )
     assert not found, found
-    assert "pipeline/config.py" in users and "pipeline/run/cluster.py" in users, users
+    assert "pipeline/untrusted.py" in users and "pipeline/run/cluster.py" in users, users
 
 
 def _python_tag_yaml(marker: Path) -> str:
@@ -681,6 +682,16 @@ def _refused_case(case: str, query: str, what: str):
         _refused_case("indexing", "Cr[0] > 1", "indexing ('Cr[0]')"),
         _refused_case("an @ local variable", "Cr > @limit", "a local variable reference ('@')"),
         _refused_case("a dunder name", "__class__ == 1", "a name starting with '__' ('__class__'"),
+        _refused_case(
+            "a power of a power on the left side (hung pandas)",
+            "((10**1000)**1000)**1000 > Cr",
+            "a power with a huge exponent",
+        ),
+        _refused_case("an integer literal of 200 digits", "Cr > " + "9" * 200, "a literal too large to be a value"),
+        _refused_case(
+            "a string literal of 2,000 characters", "type == '" + "a" * 2000 + "'", "a literal too large to be a value"
+        ),
+        _refused_case("a query of 5,000 characters", "Cr > 1 and " * 500 + "Cr > 1", "is 5506 characters long"),
     ],
 )
 def test_refused_query_through_the_cli(mini_inputs, tmp_path, capsys, query, what, reliability):
@@ -705,6 +716,70 @@ def test_refused_query_through_the_cli(mini_inputs, tmp_path, capsys, query, wha
     assert rc == 2 and "layers[5] (name: 'q').query" in err and what in err, err
     assert "Fix: only comparisons of columns with values, combined with and/or/not, are allowed" in err
     assert not out.exists() and not marker.exists()
+    assert len(err) < 600, f"the message is {len(err)} characters long"
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile YAML: aliases, size, and error messages that never repr() unbounded input
+# ------------------------------------------------------------------------------------------------
+
+
+def _bomb(levels: int = 9, width: int = 9) -> str:
+    lines = [f"a0: &a0 [{', '.join(['lol'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.reliability("security", "YAML alias bomb (9^9 values) under a misspelt key")
+def test_yaml_alias_bomb_is_refused_at_once(mini_inputs, tmp_path, capsys, reliability):
+    import time
+
+    text = (mini_inputs / "run.yaml").read_text()
+    bomb = mini_inputs / "bomb.yaml"
+    # the anchors live under a misspelt top-level key: the error formatter once repr()'d the expansion
+    bomb.write_text(text + "extras:\n" + "".join("  " + line + "\n" for line in _bomb().splitlines()))
+    t0 = time.perf_counter()
+    rc = main(["cube", str(bomb), "--out", str(tmp_path / "o"), "--quiet"])
+    took = time.perf_counter() - t0
+    err = _one_error_line(capsys)
+    assert rc == 2 and "aliases expand it to more than 100,000 values" in err and "Fix" in err, err
+    assert took < 5 and len(err) < 400, (took, len(err))
+    assert not (tmp_path / "o").exists()
+    reliability(observed=_stable(err) + f" ({took:.2f} s)", kept="no output folder")
+
+
+@pytest.mark.reliability("security", "run config of 2 MiB (a data file passed as the config)")
+def test_yaml_over_the_size_limit(tmp_path, capsys, reliability):
+    big = tmp_path / "big.yaml"
+    big.write_text("name: x\nnotes: '" + "a" * (2 << 20) + "'\n")
+    rc = main(["cube", str(big), "--out", str(tmp_path / "o")])
+    err = _one_error_line(capsys)
+    assert rc == 2 and "2.0 MiB, over the limit of 1 MiB" in err and len(err) < 400, err
+    reliability(observed=_stable(err), kept="no output folder")
+
+
+@pytest.mark.reliability("security", "misspelt key holding 900 KB / 50,000 values: the message stays short")
+def test_error_messages_never_repr_unbounded_input(mini_inputs, tmp_path, capsys, reliability):
+    data = yaml.safe_load((mini_inputs / "run.yaml").read_text())
+    cases = {
+        "a long string": {**data, "nmae": "x" * 900_000},
+        "a long list": {**data, "nmae": list(range(50_000))},
+        "a long layer name": {**data, "layers": [{**data["layers"][0], "name": "n" * 500_000}]},
+        "a long query": {**data, "deposits": {"path": "d.csv", "query": "Cr > 1 and " * 50_000}},
+    }
+    lines = []
+    for what, cfg in cases.items():
+        path = tmp_path / f"{len(lines)}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["cube", str(path), "--out", str(tmp_path / "o")]) == 2
+        err = _one_error_line(capsys)
+        assert len(err) < 700, f"{what}: a message of {len(err)} characters"
+        lines.append(len(err))
+    reliability(
+        observed=f"one line each, of {min(lines)} to {max(lines)} characters (the values cut with '...')",
+        kept="no output folder",
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,13 @@
     mpm reliability CONFIG --out DIR    several seeds: mean and uncertainty maps
     mpm synth --out DIR                 write the synthetic province's input files only
 
-Errors of this package print as one line (``error: ...``) and exit with status 2. Ctrl-C prints one line
-naming the interrupted stage and exits with status 130; rerunning the same command resumes.
+Every failure prints as one line (``error: ...``) that names the item and the fix, and exits with status 2:
+errors of this package, and also a file system error (a folder that cannot be written, a full disk, an
+``--out`` that is a file), running out of memory, and any other library's error (named with the stage it
+happened in). ``mpm --debug ...`` prints the traceback as well. Ctrl-C prints one line naming the interrupted
+stage and exits with status 130, SIGTERM (what a batch system sends) the same with status 143; rerunning the
+same command resumes. A command that writes into ``--out`` holds its lock (:func:`pipeline.io.output_lock`):
+a second one on the same folder fails at once, naming the first.
 
 The commands import the stage modules inside their functions on purpose: those pull in torch, dask and
 GDAL (seconds), and ``mpm --help`` or a config error should answer at once. No cycle is dodged here.
@@ -19,11 +24,19 @@ GDAL (seconds), and ``mpm --help`` or a config error should answer at once. No c
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import os
+import signal
 import sys
+import traceback
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.errors import MPMError
+from pipeline.io import output_lock
+from pipeline.stages import Terminated
 
 
 def _load(config: str):
@@ -64,9 +77,17 @@ def cmd_demo(args) -> int:
     from pipeline.run.runner import run_pipeline
 
     out = Path(args.out)
-    prov = write_province(out / "province", size=args.size, seed=args.seed)
-    print(f"synthetic province ({args.size} px, seed {args.seed}): {prov.config_path}")
-    cfg = _load(str(prov.config_path))
+    folder, stamp = out / "province", out / "province" / ".mpm-demo.json"
+    made = {"size": args.size, "seed": args.seed}
+    config_path = folder / "province.yaml"
+    # written once per size and seed: a GeoPackage written again differs in its bytes (timestamps), and the
+    # stage keys fingerprint the inputs, so a rewrite would rerun every stage of an unchanged demo
+    if not (config_path.is_file() and stamp.is_file() and stamp.read_text().strip() == json.dumps(made)):
+        stamp.unlink(missing_ok=True)
+        config_path = write_province(folder, size=args.size, seed=args.seed).config_path
+        stamp.write_text(json.dumps(made) + "\n")
+    print(f"synthetic province ({args.size} px, seed {args.seed}): {config_path}")
+    cfg = _load(str(config_path))
     if args.epochs is not None:
         cfg = cfg.with_updates(train={"epochs": args.epochs})
     cfg = _with_cluster(cfg, args)
@@ -155,6 +176,7 @@ def cmd_score(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpm", description="Unsupervised mineral prospectivity mapping (fusion-conv ViT).")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error as well as its one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, config=True):
@@ -233,22 +255,107 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what to do about an OSError, by errno
+_OS_FIX = {
+    errno.ENOSPC: "free disk space there, or give another --out",
+    errno.EDQUOT: "free space within your quota, or give another --out",
+    errno.EACCES: "make it writable (readable for an input), or give another --out",
+    errno.EPERM: "make it writable (readable for an input), or give another --out",
+    errno.EROFS: "give an --out on a writable filesystem",
+    errno.EEXIST: "--out must be a folder: remove or rename the file there, or give another --out",
+    errno.ENOTDIR: "--out must be a folder: a part of the path is a file; give another --out",
+    errno.EISDIR: "give the path of a file there, not of a folder",
+    errno.ENOENT: "check that the path exists (relative paths resolve against the config file's folder)",
+    errno.EMFILE: "raise the open-file limit (ulimit -n), or use fewer workers",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def _short(text, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _stage_of(exc) -> str:
+    stage = getattr(exc, "mpm_stage", None)
+    return f" in stage '{stage}'" if stage else ""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line ``mpm`` prints for ``exc`` (without ``error: ``): the item, the problem and the fix."""
+    if isinstance(exc, MPMError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, MemoryError):
+        return (
+            f"out of memory{_stage_of(exc)}{': ' + _short(exc, 120) if str(exc) else ''}. Fix: check grid.resolution "
+            "and grid.bounds (and their units), or lower grid.chunk, train.batch_size or score.batch_size; the "
+            "finished stages are kept, and rerunning resumes"
+        )
+    if isinstance(exc, OSError):
+        item = exc.filename if exc.filename is not None else None
+        what = exc.strerror or _short(exc, 200) or type(exc).__name__
+        where = f" {_short(item, 200)!r}" if item is not None else ""
+        if exc.filename2 is not None:
+            where += f" -> {_short(exc.filename2, 200)!r}"
+        fix = _OS_FIX.get(exc.errno, "check the path, its permissions and the free space")
+        return f"{what}{':' + where if where else ''}{_stage_of(exc)}. Fix: {fix}"
+    name = type(exc).__module__.split(".")[0]
+    lib = f"{name}." if name not in ("builtins", "__main__") else ""
+    return (
+        f"{lib}{type(exc).__name__}{_stage_of(exc)}: {_short(exc) or 'no message'}. Fix: check the input or setting "
+        "it names; if they are valid, rerun with `mpm --debug ...` and report the traceback"
+    )
+
+
+def _on_sigterm(signum, frame):
+    # once: a second SIGTERM while the first unwinds (closing the cluster) must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def _lock_for(args):
+    """``--out``'s lock for a command that writes there (``train``/``score`` write into --out too)."""
+    from pipeline.storage import is_url
+
+    out = getattr(args, "out", None)
+    # an --out URL: the run locks its local working copy instead (pipeline.run.remote)
+    return output_lock(out) if out and not is_url(out) else nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
     # rasterio warns when it warps in-memory arrays (ingest._warp_block) whose transforms are given separately: noise
     warnings.filterwarnings("ignore", message="Dataset has no geotransform", module="rasterio")
+    debug = args.debug or os.environ.get("MPM_DEBUG", "") not in ("", "0")
+    previous = None
+    if threading_main():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.func(args)
-    except MPMError as exc:
-        msg = str(exc).replace("\n", " ")
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        with _lock_for(args):
+            return args.func(args)
     except KeyboardInterrupt as exc:
         stage = getattr(exc, "stage", None)
-        what = f"interrupted during stage '{stage}'" if stage else f"interrupted ({args.command})"
+        signum = getattr(exc, "signum", 2)
+        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        what = f"{what} during stage '{stage}'" if stage else f"{what} ({args.command})"
         print(f"{what}: finished stages and outputs are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + signum
+    except Exception as exc:  # every failure: one line (the traceback with --debug)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_main() -> bool:
+    """Signal handlers can be set from the main thread only (``main`` may run in a test's thread)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 from pipeline import storage
@@ -22,13 +23,14 @@ from pipeline.evaluation import compare, reliability, report
 from pipeline.evaluation.diagnostics import border_effect
 from pipeline.evaluation.evaluate import evaluate_scores, write_metrics
 from pipeline.evaluation.plotting import plot_bands
-from pipeline.io import atomic_path, atomic_write_text, remove_path
+from pipeline.io import atomic_path, atomic_write_text, output_lock, remove_path
 from pipeline.models import train as training
 from pipeline.run.cluster import make_cluster, run_training_on_cluster
+from pipeline.run.preflight import preflight
 from pipeline.run.progress import TrainProgress
 from pipeline.run.remote import run_mirrored
 from pipeline.scoring.score import open_scores, score_to_disk
-from pipeline.stages import StageInterrupted, digest, read_manifest, run_stage, stage_key
+from pipeline.stages import StageInterrupted, digest, output_complete, read_manifest, run_stage, stage_key
 
 
 def launcher_for(client):
@@ -55,6 +57,7 @@ def build_cube_stage(cfg: RunConfig, out: Path, *, force: bool = False, progress
             remove_path(folder)
 
     def build():
+        preflight(cfg, ("cube",))
         clear_samples()  # left by a killed build
         try:
             return write_cube(build_cube(cfg, scratch=out), path, progress=progress, provenance=provenance(cfg))
@@ -76,8 +79,8 @@ def quicklook_stage(cube_path: Path, out: Path, log=print) -> Path:
     try:
         with atomic_path(path, keep_suffix=True) as tmp:
             fig.savefig(tmp, dpi=80)
-    except KeyboardInterrupt:
-        raise StageInterrupted("quicklook") from None
+    except KeyboardInterrupt as exc:
+        raise StageInterrupted("quicklook", getattr(exc, "signum", 2)) from None
     log(f"[quicklook] {path}")
     return path
 
@@ -222,17 +225,66 @@ def run_pipeline(
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Run the stages of ``cfg`` into ``out``; returns a dict of the outputs written."""
+    """Run the stages of ``cfg`` into ``out``; returns a dict of the outputs written.
+
+    Holds ``out``'s lock throughout (:func:`pipeline.io.output_lock`: a second run on ``out`` fails at once),
+    and checks the stages asked for and the config (:func:`pipeline.run.preflight.preflight`) before any work.
+    """
     if storage.is_url(out):  # object storage: a local working copy mirrored to the URL (pipeline.run.remote)
         again = lambda local: run_pipeline(cfg, local, force=force, stages=stages, progress=progress, log=log)
         return run_mirrored(str(out), again, log=log)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     avail = available_stages()
-    wanted = tuple(s.strip() for s in stages.split(",")) if stages else tuple(s for s in DEFAULT_STAGES if s in avail)
-    unknown = [s for s in wanted if s not in ALL_STAGES]
+    wanted = parse_stages(stages, avail)
+    with output_lock(out, log=log):
+        preflight(cfg, wanted)
+        check_prerequisites(out, wanted)
+        return _run_stages(cfg, out, wanted, avail, force, progress, log)
+
+
+def parse_stages(stages: str | None, avail: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``--stages`` as a tuple (None: the default stages); an empty or unknown name is a ConfigError."""
+    avail = available_stages() if avail is None else avail
+    if stages is None:
+        return tuple(s for s in DEFAULT_STAGES if s in avail)
+    wanted = tuple(s.strip() for s in str(stages).split(","))
+    if not any(wanted):
+        raise ConfigError(
+            f"--stages is empty. Fix: name the stages to run, e.g. --stages cube,train (all: {','.join(ALL_STAGES)}), "
+            "or leave --stages out to run the default ones"
+        )
+    unknown = [s[:40] for s in wanted if s not in ALL_STAGES]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {unknown}. Fix: use some of {','.join(ALL_STAGES)}")
+        raise ConfigError(f"--stages: unknown stage(s) {unknown[:5]}. Fix: use some of {','.join(ALL_STAGES)}")
+    return wanted
+
+
+# what a stage reads that an earlier stage writes: (output, the stage that writes it)
+_NEEDS = {
+    "quicklook": (("cube.zarr", "cube"),),
+    "train": (("cube.zarr", "cube"),),
+    "score": (("cube.zarr", "cube"), ("model.pt", "train")),
+    "evaluate": (("prospectivity.zarr", "score"),),
+    "report": (("prospectivity.zarr", "score"),),
+}
+
+
+def check_prerequisites(out: Path, wanted: tuple[str, ...]) -> None:
+    """A stage asked for without the stage that writes its input, whose output is not in ``out``: one line
+    naming the stage to add (not "rerun": nothing was interrupted)."""
+    for stage in wanted:
+        for name, writer in _NEEDS.get(stage, ()):
+            if writer not in wanted and not output_complete(out / name):
+                chain = [s for s in ("cube", "train", "score") if ALL_STAGES.index(s) <= ALL_STAGES.index(writer)]
+                add = ",".join(dict.fromkeys([*chain, *wanted]))
+                raise ConfigError(
+                    f"--stages {','.join(wanted)}: stage '{stage}' reads {name}, which is not in {str(out)[:200]!r} "
+                    f"(stage '{writer}' writes it, and it is not among the stages asked for). Fix: add it, e.g. "
+                    f"--stages {add}"
+                )
+
+
+def _run_stages(cfg: RunConfig, out: Path, wanted, avail, force: bool, progress: bool, log) -> dict:
     outputs: dict[str, Path] = {}
     cube_path = out / "cube.zarr"
     if "cube" in wanted:
@@ -250,6 +302,8 @@ def run_pipeline(
         if client is None:
             client = make_cluster(cfg.cluster)
             log(f"[cluster] Dask dashboard: {client.dashboard_link}")
+            if os.environ.get("MPM_DEBUG", "") in ("", "0"):
+                client.run(quiet_task_failures, on_error="ignore")
         return client
 
     try:
@@ -281,6 +335,23 @@ def run_pipeline(
     log("outputs: " + ", ".join(f"{k}={v}" for k, v in outputs.items()))
     _summary(out, log)
     return outputs
+
+
+class _NoComputeFailed:
+    """Drops a worker's "Compute Failed ... Traceback: ..." record: the error it logs reaches the client,
+    and ``mpm`` prints it as one line (``mpm --debug`` keeps these records)."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_task_failures() -> None:
+    """Run on each worker (``client.run``): a failed task is not logged there before the client raises it."""
+    import logging
+
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NoComputeFailed) for f in logger.filters):
+        logger.addFilter(_NoComputeFailed())
 
 
 def _quiet_logs() -> None:
