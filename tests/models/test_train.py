@@ -77,7 +77,9 @@ def test_lr_schedule_warms_up_and_decays():
 
 
 def test_loss_falls_on_a_small_cube(tmp_path, cube_path):
-    cfg = run_config(model={"mask_ratio": 0.0, "cross_ratio": 0.0}, train={"epochs": 15, "lr": 3e-3, "checkpoint_every": 100})
+    cfg = run_config(
+        model={"mask_ratio": 0.0, "cross_ratio": 0.0}, train={"epochs": 15, "lr": 3e-3, "checkpoint_every": 100}
+    )
     events = []
     out = train(cube_path, cfg, tmp_path / "run", progress=events.append, log_every=5)
     assert out == tmp_path / "run" / "model.pt"
