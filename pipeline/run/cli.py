@@ -55,11 +55,15 @@ def _with_cluster(cfg, args):
 
 
 def cmd_cube(args) -> int:
-    from pipeline.run.runner import build_cube_stage
+    from pipeline.run.runner import build_cube_stage, run_pipeline
+    from pipeline.storage import is_url, location
 
     cfg = _load(args.config)
-    out = Path(args.out)
-    path = build_cube_stage(cfg, out, force=args.force, progress=not args.quiet)
+    out = location(args.out)
+    if is_url(out):  # object storage: the cube stage of a run, its working copy mirrored (pipeline.run.remote)
+        path = run_pipeline(cfg, out, force=args.force, stages="cube", progress=not args.quiet)["cube"]
+    else:
+        path = build_cube_stage(cfg, out, force=args.force, progress=not args.quiet)
     print(f"cube: {path}")
     return 0
 

@@ -175,6 +175,22 @@ def test_credentials_in_a_config_url_are_refused_without_showing_them(remote_pro
     assert SECRET not in str(info.value) and "***@" in str(info.value)
 
 
+def test_mpm_cube_to_s3(remote_province, province, tmp_path, monkeypatch, capfd):
+    from pipeline.config import RunConfig
+    from pipeline.data.cube import open_cube
+    from pipeline.run.cli import main
+
+    url, data = remote_province
+    cfg = tmp_path / "remote.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out = f"s3://{new_bucket()}/run"
+    monkeypatch.setenv("MPM_WORKDIR", str(tmp_path / "work"))
+    assert main(["cube", str(cfg), "--out", out, "--quiet"]) == 0
+    assert f"cube: {out}/cube.zarr" in capfd.readouterr().out
+    bands = RunConfig.from_dict(data, base_dir=province.config_path.parent).band_names
+    assert list(open_cube(f"{out}/cube.zarr").band.values) == bands
+
+
 # -- score outputs on S3 -----------------------------------------------------------------------------
 
 
