@@ -309,7 +309,7 @@ def test_debug_keeps_the_traceback(mini_inputs, tmp_path, capsys, reliability):
 
 
 @pytest.mark.reliability("fault", "MemoryError (a real numpy allocation failure) as one line")
-def test_memory_error_line():
+def test_memory_error_line(reliability):
     try:
         np.empty(2**62, dtype=np.uint8)
     except MemoryError as exc:
@@ -319,6 +319,7 @@ def test_memory_error_line():
         pytest.skip("numpy allocated 4 EiB here")
     assert line.startswith("out of memory in stage 'cube'") and "Fix:" in line and "grid.resolution" in line
     assert "\n" not in line
+    reliability(observed=f"error: {line}", kept="-")
 
 
 def test_os_error_lines_name_the_item_and_the_fix(tmp_path):
@@ -343,7 +344,7 @@ def test_worker_side_error_is_one_line(tmp_path, reliability):
     data["model"].update(window=128)
     data["train"].update(device="cpu")
     data["cluster"] = {"kind": "local", "n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB"}
-    cfg = tmp_path / "worker.yaml"
+    cfg = prov.config_path.with_name("worker.yaml")  # beside the province: its paths are relative
     cfg.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k != "MPM_DEBUG"}
     res = subprocess.run(

@@ -199,6 +199,8 @@ def check_consistent(out: Path) -> list[str]:
     """
     from pipeline.scoring.sinks import is_complete
 
+    if not out.exists():  # interrupted before anything was kept: the lock removes the empty folder it made
+        return []
     done = stages_done(out)
     for name, rec in done.items():
         for p in map(Path, rec["outputs"]):
