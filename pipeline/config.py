@@ -306,10 +306,16 @@ class TrainConfig(_Frozen):
 class ScoreConfig(_Frozen):
     stride: int = Field(16, ge=1)
     batch_size: int = Field(512, ge=1)
-    mode: Literal["cross", "spatial"] = Field(
-        "cross",
+    mode: Literal["both", "cross", "spatial"] = Field(
+        "both",
         description="'cross': each source predicted with it hidden and the other sources visible; 'spatial': "
-        "every source of a token hidden (context only).",
+        "every source of a token hidden (context only); 'both': the mean of the two.",
+    )
+    standardise: Literal["none", "mahalanobis"] = Field(
+        "none",
+        description="'none': a group's anomaly is its bands' mean squared residual (the cube's normalised units); "
+        "'mahalanobis': residuals standardised per band (robust scale) and combined by a Mahalanobis distance "
+        "per group, fitted on held-out windows (lost to 'none' on the synthetic province: see docs/case-studies.md).",
     )
     partitions: int = Field(4, ge=1, description="Complementary token partitions per window (each token hidden once).")
     shifts: int = Field(

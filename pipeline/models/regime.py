@@ -18,9 +18,26 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from pipeline.models.residuals import Calibration, fit_calibration, predict_hidden, score_partitions, scoring_mode
+from pipeline.data.cube import normalised
+from pipeline.models.residuals import (
+    Calibration,
+    fit_calibration,
+    predict_hidden,
+    score_partitions,
+    scoring_mode,
+    scoring_modes,
+)
 
-__all__ = ["holdout_mask", "split_cube", "augment", "validation_error", "calibrate", "VALIDATION_PARTITIONS"]
+__all__ = [
+    "holdout_mask",
+    "split_cube",
+    "augment",
+    "block_windows",
+    "validation_error",
+    "calibrate",
+    "calibrate_modes",
+    "VALIDATION_PARTITIONS",
+]
 
 VALIDATION_PARTITIONS = 4
 
@@ -41,7 +58,8 @@ def holdout_mask(shape: tuple[int, int], block: int, fraction: float, seed: int)
 
 def split_cube(ds: xr.Dataset, block: int, fraction: float, seed: int) -> tuple[xr.Dataset, xr.Dataset | None]:
     """(training cube, validation cube or None): the same cube with ``valid`` restricted to the kept and
-    the held-out blocks. Evidence is untouched (invalid pixels are zeroed by normalisation)."""
+    the held-out blocks. Evidence is untouched (invalid pixels are zeroed by normalisation). The held-out
+    mask is ``holdout_mask(shape, block, fraction, seed)``."""
     valid = np.asarray(ds["valid"].values, bool)
     hold = holdout_mask(valid.shape, block, fraction, seed)
     if not (hold & valid).any():
@@ -50,6 +68,47 @@ def split_cube(ds: xr.Dataset, block: int, fraction: float, seed: int) -> tuple[
     train = ds.assign(valid=(dims, (valid & ~hold).astype(ds["valid"].dtype)))
     val = ds.assign(valid=(dims, (valid & hold).astype(ds["valid"].dtype)))
     return train, val
+
+
+def block_windows(
+    ds: xr.Dataset,
+    mask: np.ndarray,
+    block: int,
+    window: int,
+    min_valid_fraction: float,
+    max_windows: int,
+    device,
+    seed: int = 0,
+) -> list[tuple[Tensor, Tensor]]:
+    """Windows lying wholly inside the blocks of ``mask`` (held-out blocks), at a stride of half a window.
+
+    Every pixel a validation window shows was held out of training, and the window is not cut by the block's
+    edge, so its residuals are those of ordinary pixels the model never saw. Batches of up to 64, on
+    ``device``; at most ``max_windows`` (blocks in a seeded order).
+    """
+    valid = np.asarray(ds["valid"].values, bool)
+    h, w = valid.shape
+    z = normalised(ds)
+    need = max(1, int(np.ceil(min_valid_fraction * window * window - 1e-9)))
+    starts = []
+    rows, cols = np.nonzero(mask[::block, ::block])
+    for k in np.random.default_rng([int(seed), 4241]).permutation(len(rows)):
+        r0, c0 = int(rows[k]) * block, int(cols[k]) * block
+        r1, c1 = min(r0 + block, h), min(c0 + block, w)
+        for r in range(r0, r1 - window + 1, max(1, window // 2)):
+            for c in range(c0, c1 - window + 1, max(1, window // 2)):
+                if valid[r : r + window, c : c + window].sum() >= need:
+                    starts.append((r, c))
+        if len(starts) >= max_windows:
+            break
+    starts = starts[:max_windows]
+    out = []
+    for b in range(0, len(starts), 64):
+        chunk = starts[b : b + 64]
+        xs = [np.asarray(z[:, r : r + window, c : c + window].values, np.float32) for r, c in chunk]
+        vs = [valid[r : r + window, c : c + window] for r, c in chunk]
+        out.append((torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(vs)).to(device)))
+    return out
 
 
 def augment(x: Tensor, valid: Tensor, generator: torch.Generator, *, flips: bool, nodata_fraction: float):
@@ -115,15 +174,20 @@ def validation_error(model, batches, mode: str = "cross") -> float:
     return float((num[ok] / den[ok]).mean()) if ok.any() else float("nan")
 
 
+def calibrate_modes(model, batches, seed: int = 0) -> dict:
+    """``{mode: calibration record}`` for every way the model can be scored (see ``scoring_modes``)."""
+    return {str(m): calibrate(model, batches, mode=m, seed=seed).to_meta() for m in scoring_modes(model, "both")}
+
+
 @torch.no_grad()
-def calibrate(model, batches, mode: str = "cross", seed: int = 0) -> Calibration:
-    """Fit the residual calibration on held-out windows (valid pixels only)."""
+def calibrate(model, batches, mode: str | None = "cross", seed: int = 0) -> Calibration:
+    """Fit the residual calibration of one scoring mode on held-out windows (valid pixels only)."""
     was = model.training
     model.eval()
     parts = score_partitions(model.n_tokens, VALIDATION_PARTITIONS, seed=seed)
     res = []
     for x, v in batches:
-        pred = predict_hidden(model, x, v, parts, mode=scoring_mode(model, mode), seed=seed)
+        pred = predict_hidden(model, x, v, parts, mode=mode, seed=seed)
         r = (pred - x.float()).permute(0, 2, 3, 1)[v]  # [P, C]
         res.append(r.cpu().numpy())
     model.train(was)

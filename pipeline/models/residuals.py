@@ -27,9 +27,17 @@ from torch import Tensor
 
 from pipeline.models.vit import token_mask_to_pixels
 
-__all__ = ["score_partitions", "predict_hidden", "scoring_mode", "Calibration", "fit_calibration", "MODES"]
+__all__ = [
+    "score_partitions",
+    "predict_hidden",
+    "scoring_mode",
+    "scoring_modes",
+    "Calibration",
+    "fit_calibration",
+    "MODES",
+]
 
-MODES = ("cross", "spatial")
+MODES = ("cross", "spatial")  # what predict_hidden hides; a score may average both ("both")
 MAD_TO_SD = 1.4826
 CLIP = 5.0  # standardised residuals winsorised at +-CLIP when the covariance is fitted (robustness)
 
@@ -107,7 +115,20 @@ def scoring_mode(model, requested: str) -> str | None:
         return None
     if float(getattr(model, "cross_ratio", 0.0)) <= 0:
         return "spatial"
+    if requested == "spatial" and float(getattr(model, "mask_ratio", 0.0)) <= 0:
+        return "cross"  # never trained to predict a whole token from its context
     return requested
+
+
+def scoring_modes(model, requested: str) -> list[str | None]:
+    """The hidings a score averages: ``both`` = spatial and cross, as far as the model was trained for them."""
+    wanted = ("spatial", "cross") if requested == "both" else (requested,)
+    out: list[str | None] = []
+    for m in wanted:
+        got = scoring_mode(model, m)
+        if got not in out:
+            out.append(got)
+    return out
 
 
 @dataclass
@@ -145,7 +166,15 @@ class Calibration:
         }
 
     @classmethod
+    def for_mode(cls, meta: dict | None, mode: str | None, groups: dict[str, list[int]]) -> Calibration:
+        """The calibration of one scoring mode from a checkpoint's ``{mode: calibration}`` record."""
+        if meta and "center" not in meta:
+            meta = meta.get(str(mode))
+        return cls.from_meta(meta, groups)
+
+    @classmethod
     def from_meta(cls, meta: dict | None, groups: dict[str, list[int]]) -> Calibration:
+        """A calibration from :meth:`to_meta`'s record (identity when None: an uncalibrated model)."""
         if not meta:
             return cls.identity(groups)
         return cls(

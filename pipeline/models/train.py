@@ -37,7 +37,15 @@ from pipeline.models import autocast_context, build_model, group_indices, group_
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.device import worker_device
 from pipeline.models.patches import WindowFeed
-from pipeline.models.regime import augment, calibrate, split_cube, validation_batches, validation_error
+from pipeline.models.regime import (
+    augment,
+    block_windows,
+    calibrate_modes,
+    holdout_mask,
+    split_cube,
+    validation_batches,
+    validation_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +138,22 @@ def _fitting_batch(ds: xr.Dataset, mc, tc, world: int, ranks: list[int]) -> int:
     return shrunk
 
 
-def _validation_windows(val_ds: xr.Dataset | None, mc, tc, device) -> list:
-    """Fixed held-out windows (fewer valid pixels allowed than in training: blocks are small)."""
-    if val_ds is None:
+def _validation_windows(ds: xr.Dataset, mc, tc, device) -> list:
+    """Windows wholly inside the held-out blocks (none without held-out blocks, or in a small study area)."""
+    block = tc.holdout_block or 2 * mc.window
+    if tc.holdout_fraction <= 0 or block < mc.window:
         return []
-    kw = dict(
-        window=mc.window,
-        stride=max(1, mc.window // 2),
-        min_valid_fraction=min(tc.min_valid_fraction, 0.25),
-        seed=tc.seed,
-    )
+    hold = holdout_mask(tuple(ds["valid"].shape), block, tc.holdout_fraction, tc.seed)
+    return block_windows(ds, hold, block, mc.window, tc.min_valid_fraction, tc.validation_windows, device, tc.seed)
+
+
+def _calibration_windows(ds: xr.Dataset, mc, tc, device) -> list:
+    """Without held-out blocks: training windows (the calibration then sees pixels the model trained on)."""
+    kw = dict(window=mc.window, stride=max(1, mc.window // 2), min_valid_fraction=tc.min_valid_fraction, seed=tc.seed)
     try:
-        n = WindowFeed(val_ds, batch_size=1, **kw).n_windows
-        feed = WindowFeed(val_ds, batch_size=min(64, n), **kw)
-    except ConfigError:  # no held-out window: no validation loss (a small study area)
+        n = WindowFeed(ds, batch_size=1, **kw).n_windows
+        feed = WindowFeed(ds, batch_size=min(64, n), **kw)
+    except ConfigError:
         return []
     return validation_batches(feed, tc.validation_windows, device)
 
@@ -210,7 +220,7 @@ def run_training(
         spe = min(spe, tc.steps_per_epoch)
     total = tc.epochs * spe
     # every rank holds the same validation windows, so early stopping decides alike on all ranks
-    val_batches = _validation_windows(val_ds, mc, tc, device)
+    val_batches = _validation_windows(ds, mc, tc, device) if val_ds is not None else []
 
     bands = [str(b) for b in ds["band"].values.tolist()]
     sources = [str(s) for s in ds["source"].values.tolist()]
@@ -339,9 +349,8 @@ def run_training(
     if best_state is not None:
         base.load_state_dict(best_state)
     if lead:
-        cal_batches = val_batches or _validation_windows(train_ds, mc, tc, device)
-        cal = calibrate(base, cal_batches, seed=tc.seed)
-        save(out / "model.pt", total, final=True, calibration=cal.to_meta())
+        cal_batches = val_batches or _calibration_windows(train_ds, mc, tc, device)
+        save(out / "model.pt", total, final=True, calibration=calibrate_modes(base, cal_batches, seed=tc.seed))
     return {
         "rank": ranks[0],
         "ranks": ranks,

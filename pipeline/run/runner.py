@@ -155,7 +155,7 @@ def evaluate_stage(cfg: RunConfig, out: Path, *, force: bool = False, log=print,
         scores = open_scores(out / "prospectivity.zarr")
         metrics = {"prospectivity": evaluate_scores(cfg, scores["prospectivity"])}
         for name in scores.data_vars:
-            if name.startswith("anomaly_"):
+            if name.startswith(("anomaly_", "prospectivity_")):  # per-group and target (commodity) maps
                 metrics[name] = evaluate_scores(cfg, scores[name])
         # label-free: does the map light up at the study area's edge?
         metrics["border_effect"] = border_effect(scores["prospectivity"].load(), cfg.model.window)

@@ -27,10 +27,13 @@ reconstruction is ``sum_k w_k recon_k / sum_k w_k`` over the windows covering th
 Hidden prediction (:mod:`pipeline.models.residuals`): each window runs K complementary partitions of its
 tokens, and in ``cross`` mode one pass per (partition, source): every band at every pixel is predicted with
 its source hidden there, from the other sources in place and from the context, so co-enrichment across
-sources that the context does not explain enters the score. Residuals are standardised per band and
-combined per source group by a Mahalanobis distance, with the label-free calibration the training fitted
-on held-out blocks; the groups are then weighted equally. Several token-grid phases (``score.shifts``) are
-averaged.
+sources that the context does not explain enters the score; ``spatial`` hides every source of a token
+(context only); ``both`` (the default) averages the two. A group's anomaly is its bands' mean squared
+residual; the groups are weighted equally. With ``score.standardise: mahalanobis`` the residuals are first
+standardised per band and combined per group by a Mahalanobis distance, with the label-free calibration the
+training fitted on held-out blocks (it lost to the plain residual on the synthetic province: robust scales
+of near-exact bands such as lithology indicators collapse and amplify noise). Several token-grid phases
+(``score.shifts``) are averaged.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ import xarray as xr
 
 from pipeline.config import RunConfig, ScoreConfig
 from pipeline.data.cube import normalised, open_cube
+from pipeline.data.pathfinders import resolve_target
 from pipeline.errors import CheckpointError, ConfigError, MPMError
 from pipeline.models import autocast_context, group_indices
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.models.device import worker_device
-from pipeline.models.residuals import Calibration, predict_hidden, score_partitions, scoring_mode
+from pipeline.models.residuals import Calibration, predict_hidden, score_partitions, scoring_modes
 from pipeline.scoring.sinks import write_cog, write_zarr_resumable
 from pipeline.stages import output_complete
 
@@ -110,17 +114,19 @@ def score_block(
     combine: dict[str, float] | None = None,
     origin: tuple[int, int] = (0, 0),
     full_shape: tuple[int, int] | None = None,
-    calibration: Calibration | None = None,
-    mode: str = "cross",
+    calibration: Calibration | dict | None = None,
+    mode: str = "both",
     partitions: int = 4,
     shifts: int = 2,
     min_valid_fraction: float = 0.0,
+    pathfinders: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Dense sliding-window residuals of one block, standardised and combined (numpy in, numpy out).
 
     ``array`` [C, H, W] float32 is normalised evidence (invalid pixels 0), ``valid`` [H, W] bool.
     ``model`` is a :class:`pipeline.models.vit.FusionViTAE`; every (band, pixel) is predicted with its source
-    hidden (``mode``, ``partitions``: :func:`pipeline.models.residuals.predict_hidden`; a model trained
+    hidden (``mode``: ``spatial``, ``cross`` or ``both``, their mean; ``partitions``:
+    :func:`pipeline.models.residuals.predict_hidden`; a model trained
     without masking is scored by plain reconstruction). ``groups`` maps group name -> channel indices.
 
     ``shifts``: token-grid phases averaged; phase ``s`` moves every window by ``s * patch // shifts`` pixels
@@ -136,9 +142,10 @@ def score_block(
     Returns float32 arrays, NaN at invalid pixels: ``contribution`` [C, H, W] the squared standardised
     residual per band; ``anomaly_<group>`` [H, W] the group's squared Mahalanobis distance over its median
     (:class:`pipeline.models.residuals.Calibration`; identity when None); ``prospectivity`` [H, W] the mean of
-    the groups' anomalies (equal weights), or ``sum_g c_g anomaly_g / sum_g c_g`` with ``combine``.
+    the groups' anomalies (equal weights), or ``sum_g c_g anomaly_g / sum_g c_g`` with ``combine``; with
+    ``pathfinders`` (band indices of a ``target:``), ``target`` [H, W]: the pathfinders' enrichment, the mean of
+    their positive standardised residuals (:func:`pipeline.scoring.enrichment.enrichment_score`'s rule).
     """
-    import torch
 
     array = np.asarray(array, dtype=np.float32)
     valid = np.asarray(valid, dtype=bool)
@@ -152,9 +159,7 @@ def score_block(
             "Fix: score the cube the checkpoint was trained on (same bands, same order)"
         )
     weights = _combine_weights(groups, combine)
-    cal = calibration or Calibration.identity(groups)
     full_h, full_w = full_shape if full_shape is not None else (h, w_)
-    oy, ox = origin
     hp, wp = max(h, win), max(w_, win)
     if (hp, wp) != (h, w_):  # only when the whole axis is shorter than a window
         pad = ((0, 0), (0, hp - h), (0, wp - w_))
@@ -164,13 +169,71 @@ def score_block(
     out = {f"anomaly_{g}": np.full((h, w_), np.nan, np.float32) for g in groups}
     contribution = np.full((c, h, w_), np.nan, np.float32)
     result = {"contribution": contribution, **out, "prospectivity": np.full((h, w_), np.nan, np.float32)}
+    if pathfinders:
+        result["target"] = np.full((h, w_), np.nan, np.float32)
     if not valid.any():
         return result
 
     dev = _device(device)
     model = model.to(dev).eval()
-    scored_mode = scoring_mode(model, mode)
-    n_shifts = max(1, int(shifts)) if scored_mode is not None else 1
+    modes = scoring_modes(model, mode)
+    v = valid[:h, :w_]
+    per_mode = []
+    for m in modes:
+        blended = _blended_prediction(
+            model,
+            array,
+            valid,
+            m,
+            dev,
+            stride=stride,
+            partitions=partitions,
+            shifts=shifts,
+            batch_size=batch_size,
+            origin=origin,
+            full_shape=(full_h, full_w),
+            min_valid_fraction=min_valid_fraction,
+        )[:, :h, :w_]
+        cal = _calibration_for(calibration, m, groups)
+        z = cal.standardise((blended - array[:, :h, :w_])[:, v])  # [C, P]
+        per_mode.append((z, cal.group_distances(z)))
+    # averaged over the modes (spatial: what the context does not explain; cross: what the other sources
+    # in place do not explain)
+    contribution[:, v] = np.mean([z**2 for z, _ in per_mode], axis=0)
+    for g in groups:
+        out[f"anomaly_{g}"][v] = np.mean([d[g] for _, d in per_mode], axis=0)
+    if weights is None:
+        weights = {g: 1.0 for g in groups}
+    total = sum(weights.values())
+    acc = np.zeros(int(v.sum()), np.float64)
+    for g, cw in weights.items():
+        acc += cw * out[f"anomaly_{g}"][v]
+    result["prospectivity"][v] = (acc / total).astype(np.float32)
+    if pathfinders:  # observed minus predicted: positive = enriched beyond what context and other sources say
+        signed = -np.mean([z for z, _ in per_mode], axis=0)[list(pathfinders)]
+        result["target"][v] = np.maximum(signed, 0.0).mean(axis=0)
+    return result
+
+
+def _calibration_for(calibration, mode, groups) -> Calibration:
+    if calibration is None:
+        return Calibration.identity(groups)
+    if isinstance(calibration, Calibration):
+        return calibration
+    return Calibration.for_mode(calibration, mode, groups)
+
+
+def _blended_prediction(
+    model, array, valid, mode, dev, *, stride, partitions, shifts, batch_size, origin, full_shape, min_valid_fraction
+) -> np.ndarray:
+    """[C, hp, wp] hidden predictions of every window of the (padded) block, blended (module docstring)."""
+    import torch
+
+    c, hp, wp = array.shape
+    win = int(model.window)
+    oy, ox = origin
+    full_h, full_w = full_shape
+    n_shifts = max(1, int(shifts)) if mode is not None else 1
     sat = np.pad(valid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     need = max(1, int(np.ceil(min_valid_fraction * win * win - 1e-9)))
     h1 = blend_weight(win)
@@ -205,9 +268,9 @@ def score_block(
                 xw = x_flat[:, idx].reshape(c, n, win, win).transpose(0, 1).contiguous()  # [N, C, w, w]
                 vw = v_flat[idx].reshape(n, win, win)
                 with autocast:
-                    pred = predict_hidden(model, xw, vw, parts, mode=scored_mode, seed=s).float()
-                wgt = wt[None, :] * torch.stack([good.float(), torch.ones_like(good, dtype=torch.float32)])[:, :, None]
-                wgt = wgt.reshape(2, -1)  # [2, N*w*w]
+                    pred = predict_hidden(model, xw, vw, parts, mode=mode, seed=s).float()
+                tiers = torch.stack([good.float(), torch.ones(n, dtype=torch.float32, device=dev)])  # [2, N]
+                wgt = (wt[None, None, :] * tiers[:, :, None]).reshape(2, -1)  # [2, N*w*w]
                 contrib = pred.transpose(0, 1).reshape(c, -1)  # [C, N*w*w]
                 for tier in (0, 1):
                     canvas[tier].index_add_(1, idx, contrib * wgt[tier][None])
@@ -216,22 +279,7 @@ def score_block(
         blended = torch.where(
             use_good[None], canvas[0] / wsum[0].clamp_min(1e-12), canvas[1] / wsum[1].clamp_min(1e-12)
         )
-        blended = blended.reshape(c, hp, wp).cpu().numpy()[:, :h, :w_]
-
-    v = valid[:h, :w_]
-    z = cal.standardise((blended - array[:, :h, :w_])[:, v])  # [C, P]
-    contribution[:, v] = z**2
-    dists = cal.group_distances(z)
-    for g in groups:
-        out[f"anomaly_{g}"][v] = dists[g]
-    if weights is None:
-        weights = {g: 1.0 for g in groups}
-    total = sum(weights.values())
-    acc = np.zeros(int(v.sum()), np.float64)
-    for g, cw in weights.items():
-        acc += cw * out[f"anomaly_{g}"][v]
-    result["prospectivity"][v] = (acc / total).astype(np.float32)
-    return result
+        return blended.reshape(c, hp, wp).cpu().numpy()
 
 
 def _starts(n: int, window: int, stride: int, shift: int) -> np.ndarray:
@@ -314,8 +362,10 @@ def _score_chunk(
     mode: str = "cross",
     partitions: int = 4,
     shifts: int = 1,
+    pathfinders: list[int] | None = None,
+    standardise: str = "none",
 ) -> np.ndarray:
-    """map_overlap task: [C+1, h+halo, w+halo] (normalised bands + valid) -> [C+G+1, h, w] core."""
+    """map_overlap task: [C+1, h+halo, w+halo] (normalised bands + valid) -> [C+G+1(+1), h, w] core."""
     iy, ix = block_info[0]["chunk-location"][1:]
     top = depth[0] if iy > 0 else 0
     left = depth[1] if ix > 0 else 0
@@ -332,14 +382,17 @@ def _score_chunk(
         combine=combine,
         origin=origin,
         full_shape=(sum(chunks_y), sum(chunks_x)),
-        calibration=Calibration.from_meta((meta.get("extra") or {}).get("calibration"), groups),
+        calibration=(meta.get("extra") or {}).get("calibration") if standardise == "mahalanobis" else None,
         mode=mode,
         partitions=partitions,
         shifts=shifts,
         min_valid_fraction=_min_valid(meta),
+        pathfinders=pathfinders,
     )
     core = (slice(top, top + chunks_y[iy]), slice(left, left + chunks_x[ix]))
     layers = [res["contribution"]] + [res[f"anomaly_{g}"][None] for g in groups] + [res["prospectivity"][None]]
+    if pathfinders:
+        layers.append(res["target"][None])
     return np.concatenate(layers, axis=0)[(slice(None), *core)]
 
 
@@ -359,6 +412,7 @@ def score_cube(
     model_cfg_window: int | None = None,
     gpu: bool = False,
     device: str | None = None,
+    target: tuple[str, list[str]] | None = None,
 ) -> xr.Dataset:
     """Lazy prospectivity Dataset of a cube, on the cube's grid and CRS.
 
@@ -425,7 +479,8 @@ def score_cube(
             depth.append(halo)
             new_chunks.append(ensure_minimum_chunksize(halo, chunks))
     stacked = stacked.rechunk((c + 1, *new_chunks))
-    n_out = c + len(groups) + 1
+    pathfinders = [bands.index(b) for b in target[1]] if target else None
+    n_out = c + len(groups) + 1 + (1 if pathfinders else 0)
     fn = partial(
         _score_chunk,
         checkpoint=ckpt,
@@ -440,6 +495,8 @@ def score_cube(
         partitions=cfg.partitions,
         shifts=cfg.shifts,
         device=device,
+        pathfinders=pathfinders,
+        standardise=cfg.standardise,
     )
     ctx = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
     with ctx:
@@ -455,7 +512,9 @@ def score_cube(
         )
 
     dims2 = ("y", "x")
-    data_vars = {"prospectivity": (dims2, scored[n_out - 1])}
+    data_vars = {"prospectivity": (dims2, scored[c + len(groups)])}
+    if pathfinders:
+        data_vars[f"prospectivity_{target[0]}"] = (dims2, scored[c + len(groups) + 1])
     for i, g in enumerate(groups):
         data_vars[f"anomaly_{g}"] = (dims2, scored[c + i])
     data_vars["contribution"] = (("band", "y", "x"), scored[:c])
@@ -473,9 +532,13 @@ def score_cube(
             "window": win,
             "stride": cfg.stride,
             "combine": str(cfg.combine) if cfg.combine else "source groups weighted equally",
-            "score": "standardised residuals of hidden predictions (overlapping windows blended, Hann floor 0.1); "
-            "per group: squared Mahalanobis distance / its median on held-out windows",
-            "mode": str(scoring_mode(model, cfg.mode)),
+            "score": "residuals of hidden predictions (overlapping windows blended, Hann floor 0.1); per group: "
+            + (
+                "squared Mahalanobis distance / its median on held-out windows"
+                if cfg.standardise == "mahalanobis"
+                else "mean squared residual of its bands"
+            ),
+            "mode": ",".join(str(m) for m in scoring_modes(model, cfg.mode)),
             "partitions": cfg.partitions,
             "shifts": cfg.shifts,
         },
@@ -534,7 +597,10 @@ def score_to_disk(
     cube = open_cube(cube_path)
     gpu = cfg.cluster.gpus_per_worker > 0
     ckpts = [Path(c) for c in (checkpoint_path if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path])]
-    scores = score_ensemble(cube, ckpts, cfg.score, model_cfg_window=cfg.model.window, gpu=gpu)
+    target = None
+    if cfg.target is not None:  # the commodity's pathfinders: knowledge, never deposit locations
+        target = (cfg.target.commodity, resolve_target(cfg.target, [str(b) for b in cube["band"].values.tolist()]))
+    scores = score_ensemble(cube, ckpts, cfg.score, model_cfg_window=cfg.model.window, gpu=gpu, target=target)
     stamps = "|".join(f"{c.resolve()}|{os.stat(c).st_mtime_ns}|{os.stat(c).st_size}" for c in ckpts)
     token = f"{Path(cube_path).resolve()}|{stamps}|{cfg.score.model_dump_json()}"
     zpath = write_zarr_resumable(

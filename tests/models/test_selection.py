@@ -62,7 +62,9 @@ def test_training_records_a_held_out_loss_and_keeps_the_best_weights(tmp_path, c
     assert len(val) == 4 and all(v[1] == v[1] for v in val)  # one finite held-out loss per epoch
     assert summary["best"]["loss"] == pytest.approx(min(v[1] for v in val))
     model, meta = load_checkpoint(out)
-    cal = meta["extra"]["calibration"]
+    cals = meta["extra"]["calibration"]
+    assert set(cals) == {"cross", "spatial"}  # one per scoring mode the model was trained for
+    cal = cals["cross"]
     assert cal and cal["n_pixels"] > 100 and len(cal["scale"]) == len(BANDS)
     assert set(cal["median"]) == {"geochemistry", "geophysics", "geology"}
     # the saved weights are the best epoch's: re-measuring them gives the recorded best loss

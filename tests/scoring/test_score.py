@@ -353,3 +353,31 @@ def test_killed_worker_still_gives_complete_identical_output(tmp_path, reliabili
         "and Dask reran its regions; the store equals an undisturbed run's (atol 1e-6)",
         kept="prospectivity.zarr complete (mpm_complete: true)",
     )
+
+
+def test_seed_ensemble_is_the_mean_map_with_its_std_as_uncertainty(tmp_path):
+    from pipeline.scoring.score import score_ensemble
+
+    cube_path = make_cube(tmp_path)
+    torch.manual_seed(1)
+    a = make_checkpoint(tmp_path, cube_path, name="a.pt")
+    b = save_checkpoint(
+        tmp_path / "b.pt",
+        tiny_model(0.5, seed=7),
+        model_cfg=ModelConfig(**TINY, mask_ratio=0.5),
+        bands=BANDS,
+        sources=SOURCES,
+        center=open_cube(cube_path)["center"].values,
+        scale=open_cube(cube_path)["scale"].values,
+        groups=GROUPS,
+    )
+    cube = open_cube(cube_path)
+    cfg = ScoreConfig(stride=4)
+    one = [score_cube(cube, c, cfg).compute(scheduler="sync") for c in (a, b)]
+    ens = score_ensemble(cube, [a, b], cfg).compute(scheduler="sync")
+    maps = np.stack([o["prospectivity"].values for o in one])
+    np.testing.assert_allclose(ens["prospectivity"].values, maps.mean(0), rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(ens["uncertainty"].values, maps.std(0, ddof=1), rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert float(ens["uncertainty"].max()) > 0 and ens.rio.crs is not None
+    single = score_ensemble(cube, [a], cfg)
+    assert bool(single["uncertainty"].isnull().all())
