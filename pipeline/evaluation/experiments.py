@@ -21,6 +21,7 @@ import xarray as xr
 
 from pipeline.config import RunConfig
 from pipeline.data.cube import open_cube
+from pipeline.data.pathfinders import resolve_target
 from pipeline.errors import ConfigError, CubeError
 from pipeline.io import atomic_path, atomic_write_text
 from pipeline.models.train import train
@@ -164,12 +165,16 @@ def vit_run(
     t0 = time.perf_counter()
     model = train(cube_path, cfg, run_dir, launcher=launcher, progress=_quiet)
     cube = open_cube(cube_path)
+    target = None
+    if cfg.target is not None:  # prospectivity_<commodity>: the pathfinders' positive residuals
+        target = (cfg.target.commodity, resolve_target(cfg.target, [str(b) for b in cube["band"].values.tolist()]))
     ds = score_cube(
         cube,
         model,
         cfg.score,
         model_cfg_window=cfg.model.window,
         gpu=client is not None and cfg.cluster.gpus_per_worker > 0,
+        target=target,
     )
     names = [str(v) for v in ds.data_vars if str(v).startswith("prospectivity")]
     maps = {n: ds[n].compute() for n in names}
