@@ -158,13 +158,14 @@ def _calibration_windows(ds: xr.Dataset, mc, tc, device) -> list:
     return validation_batches(feed, tc.validation_windows, device)
 
 
-def _resumed_extra(ckpt_path: Path, key: str, default):
+def _resumed_extra(ckpt_path: Path) -> dict:
+    """The ``extra`` record of the checkpoint a run resumes from ({} when there is none)."""
     if not ckpt_path.exists():
-        return default
+        return {}
     try:
-        return load_checkpoint(ckpt_path, map_location="cpu")[1].get("extra", {}).get(key, default)
+        return load_checkpoint(ckpt_path, map_location="cpu")[1].get("extra", {}) or {}
     except CheckpointError:
-        return default
+        return {}
 
 
 def run_training(
@@ -272,8 +273,9 @@ def run_training(
         )
 
     # a resumed run continues the validation record; its best weights restart from the resumed ones
-    val_history = list(_resumed_extra(ckpt_path, "validation", [])) if start else []
-    best = dict(_resumed_extra(ckpt_path, "best", {}) or {}) if start else {}
+    extra = _resumed_extra(ckpt_path) if start else {}  # one read of the checkpoint, not one per key
+    val_history = list(extra.get("validation") or [])
+    best = dict(extra.get("best") or {})
     best_state = {k: v.detach().clone() for k, v in base.state_dict().items()} if best else None
     done = start
     model.train()
